@@ -1,0 +1,87 @@
+"""Request dependencies: the store, and bearer-key access with scopes."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.config import Scope
+from app.errors import Forbidden, Unauthorized
+from app.metrics import Metrics
+from app.store import CreditStore
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: ``key_id`` is a stable, non-secret fingerprint of the API key."""
+
+    key_id: str
+    scopes: frozenset[Scope]
+
+
+OPEN_PRINCIPAL = Principal("open", frozenset(Scope))
+
+
+class KeyRing:
+    """Bearer keys compared in constant time: every configured key is checked, always."""
+
+    def __init__(self, keys: dict[str, list[Scope]]) -> None:
+        self._entries = [
+            (hashlib.sha256(k.encode()).digest(), frozenset(s)) for k, s in keys.items()
+        ]
+
+    @property
+    def open(self) -> bool:
+        return not self._entries
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        if self.open:
+            return OPEN_PRINCIPAL
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("Send an API key as 'Authorization: Bearer <key>'.")
+        presented = hashlib.sha256(token.strip().encode()).digest()
+        found: frozenset[Scope] | None = None
+        for digest, scopes in self._entries:
+            if hmac.compare_digest(digest, presented):
+                found = scopes
+        if found is None:
+            raise Unauthorized("This API key is not valid.")
+        return Principal(presented.hex()[:16], found)
+
+
+def get_store(request: Request) -> CreditStore:
+    store: CreditStore = request.app.state.store
+    return store
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+def require(*scopes: Scope) -> Callable[[Request], Principal]:
+    """A dependency that admits keys holding any of ``scopes`` (admin always passes)."""
+    allowed = frozenset((*scopes, Scope.ADMIN))
+    names = " or ".join(s.value for s in scopes)
+
+    def check(request: Request) -> Principal:
+        keyring: KeyRing = request.app.state.keyring
+        principal = keyring.authenticate(request.headers.get("authorization"))
+        if not principal.scopes & allowed:
+            raise Forbidden(f"This API key lacks the {names} scope needed here.")
+        return principal
+
+    return check
+
+
+StoreDep = Annotated[CreditStore, Depends(get_store)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+Worker = Annotated[Principal, Depends(require(Scope.WORKER))]
+Reader = Annotated[Principal, Depends(require(Scope.READER))]
+AnyScope = Annotated[Principal, Depends(require(Scope.WORKER, Scope.READER))]

@@ -1,0 +1,146 @@
+"""The one table from outcomes to HTTP, and the problem+json responses built from it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Final
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from app.errors import (
+    BackendUnavailable,
+    CreditsError,
+    CreditsExhausted,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    ReservationConflict,
+    Unauthorized,
+)
+
+log = logging.getLogger("credits.api")
+
+PROBLEM_JSON: Final = "application/problem+json"
+
+#: Most specific class first; the first match wins.
+STATUS_BY_ERROR: Final[tuple[tuple[type[CreditsError], int], ...]] = (
+    (CreditsExhausted, 429),
+    (ReservationConflict, 409),
+    (NotFound, 404),
+    (InvalidRequest, 422),
+    (PayloadTooLarge, 413),
+    (Unauthorized, 401),
+    (Forbidden, 403),
+    (BackendUnavailable, 503),
+)
+
+
+def status_for(exc: CreditsError) -> int:
+    for cls, status in STATUS_BY_ERROR:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def problem_response(
+    *,
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    extra: dict[str, object] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body: dict[str, object] = {
+        "type": f"/problems/{code}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    if extra:
+        body.update(extra)
+    return Response(
+        json.dumps(body, ensure_ascii=False, separators=(",", ":")),
+        status_code=status,
+        media_type=PROBLEM_JSON,
+        headers=headers,
+    )
+
+
+def error_response(exc: CreditsError, *, retry_after_unavailable: int = 1) -> Response:
+    status = status_for(exc)
+    headers: dict[str, str] = {}
+    if isinstance(exc, CreditsExhausted):
+        headers["Retry-After"] = str(exc.retry_after)
+    elif isinstance(exc, BackendUnavailable):
+        headers["Retry-After"] = str(retry_after_unavailable)
+    elif isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer realm="ai-credits"'
+    return problem_response(
+        status=status,
+        code=exc.code,
+        title=exc.title,
+        detail=exc.detail,
+        extra=exc.extra(),
+        headers=headers,
+    )
+
+
+_HTTP_CODES: Final = {
+    404: ("not_found", "Not found", "There is nothing at this path."),
+    405: ("method_not_allowed", "Method not allowed", "This path does not take that method."),
+}
+
+
+def install(app: FastAPI) -> None:
+    async def on_credits_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, CreditsError)
+        if isinstance(exc, BackendUnavailable):
+            request.app.state.metrics.redis_unavailable.inc()
+        retry = request.app.state.settings.unavailable_retry_after_seconds
+        return error_response(exc, retry_after_unavailable=retry)
+
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        pairs = [
+            (".".join(str(p) for p in e.get("loc", ())), str(e.get("msg", "")))
+            for e in exc.errors()
+        ]
+        where = "; ".join(f"{loc}: {msg}" for loc, msg in pairs[:5])
+        errors: list[dict[str, object]] = [{"loc": loc, "msg": msg} for loc, msg in pairs]
+        return error_response(InvalidRequest(f"The request is not valid. {where}", errors))
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code, title, detail = _HTTP_CODES.get(
+            exc.status_code, ("http_error", "HTTP error", str(exc.detail))
+        )
+        return problem_response(
+            status=exc.status_code,
+            code=code,
+            title=title,
+            detail=detail,
+            headers=dict(exc.headers or {}),
+        )
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem_response(
+            status=500,
+            code="internal_error",
+            title="Internal error",
+            detail=(
+                "Something went wrong on our side. Retrying with the same Idempotency-Key is safe."
+            ),
+        )
+
+    app.add_exception_handler(CreditsError, on_credits_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,174 @@
+"""HTTP routes: translate requests to store calls and results to JSON. Domain outcomes
+are raised as ``app.errors`` exceptions and turned into problems by ``problems``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app import domain
+from app.api.deps import AnyScope, MetricsDep, Reader, StoreDep, Worker
+from app.api.schemas import (
+    BatchUsageOut,
+    BatchUsageRequest,
+    FeaturesOut,
+    ProblemOut,
+    ReadyOut,
+    ReservationOut,
+    ReserveRequest,
+    UsageOut,
+    reservation_json,
+    usage_json,
+)
+from app.errors import InvalidRequest
+
+router = APIRouter()
+
+
+def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": ProblemOut, "content": {"application/problem+json": {}}} for s in statuses}
+
+
+_AUTH = (401, 403, 413, 503)
+
+
+@router.get(
+    "/v1/features",
+    response_model=FeaturesOut,
+    responses=_problems(*_AUTH),
+    tags=["credits"],
+)
+async def list_features(store: StoreDep, _: AnyScope) -> JSONResponse:
+    return JSONResponse(
+        {
+            "features": [
+                {"feature": name, "cost": cost, "label": domain.feature_label(name)}
+                for name, cost in store.feature_costs.items()
+            ]
+        }
+    )
+
+
+@router.post(
+    "/v1/coaches/{coach_id}/reservations",
+    status_code=201,
+    response_model=ReservationOut,
+    responses={
+        200: {"model": ReservationOut, "description": "Idempotent replay"},
+        **_problems(422, 429, *_AUTH),
+    },
+    tags=["reservations"],
+)
+async def reserve(
+    coach_id: str,
+    body: ReserveRequest,
+    store: StoreDep,
+    principal: Worker,
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", description="1-255 printable ASCII")
+    ] = None,
+) -> JSONResponse:
+    if idempotency_key is not None and not domain.is_valid_idempotency_key(idempotency_key):
+        raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters.")
+    reservation, created = await store.reserve(
+        coach_id,
+        body.feature,
+        ttl_seconds=body.ttl_seconds,
+        idempotency_key=idempotency_key,
+        principal=principal.key_id,
+    )
+    return JSONResponse(reservation_json(reservation), status_code=201 if created else 200)
+
+
+@router.get(
+    "/v1/reservations/{reservation_id}",
+    response_model=ReservationOut,
+    responses=_problems(404, *_AUTH),
+    tags=["reservations"],
+)
+async def get_reservation(reservation_id: str, store: StoreDep, _: Worker) -> JSONResponse:
+    return JSONResponse(reservation_json(await store.get_reservation(reservation_id)))
+
+
+@router.post(
+    "/v1/reservations/{reservation_id}/commit",
+    response_model=ReservationOut,
+    responses=_problems(404, 409, *_AUTH),
+    tags=["reservations"],
+)
+async def commit(reservation_id: str, store: StoreDep, _: Worker) -> JSONResponse:
+    return JSONResponse(reservation_json(await store.commit(reservation_id)))
+
+
+@router.post(
+    "/v1/reservations/{reservation_id}/refund",
+    response_model=ReservationOut,
+    responses=_problems(404, 409, *_AUTH),
+    tags=["reservations"],
+)
+async def refund(reservation_id: str, store: StoreDep, _: Worker) -> JSONResponse:
+    return JSONResponse(reservation_json(await store.refund(reservation_id)))
+
+
+@router.get(
+    "/v1/coaches/{coach_id}/usage",
+    response_model=UsageOut,
+    responses=_problems(422, *_AUTH),
+    tags=["usage"],
+)
+async def get_usage(coach_id: str, store: StoreDep, _: AnyScope) -> JSONResponse:
+    return JSONResponse(usage_json(await store.usage(coach_id)))
+
+
+@router.post(
+    "/v1/usage/batch",
+    response_model=BatchUsageOut,
+    responses=_problems(422, *_AUTH),
+    tags=["usage"],
+)
+async def batch_usage(
+    body: Annotated[BatchUsageRequest, Body()], store: StoreDep, _: Reader
+) -> JSONResponse:
+    items = await store.usage_many(body.coach_ids)
+    return JSONResponse({"items": [usage_json(u) for u in items]})
+
+
+@router.get("/healthz", tags=["operations"])
+async def healthz() -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+@router.get(
+    "/readyz",
+    response_model=ReadyOut,
+    responses=_problems(503),
+    tags=["operations"],
+)
+async def readyz(request: Request, store: StoreDep) -> JSONResponse:
+    settings = request.app.state.settings
+    await store.ping()
+    await store.ensure_scripts()
+    warnings: list[str] = []
+    if settings.open_mode:
+        warnings.append("OPEN MODE: no API keys are configured; anyone can spend credits.")
+    if settings.embedded:
+        warnings.append("EMBEDDED REDIS: in-process and not persisted; for trying out only.")
+    backend = "embedded" if settings.embedded else "cluster" if settings.redis_cluster else "redis"
+    return JSONResponse(
+        {
+            "status": "ready",
+            "backend": backend,
+            "auth": "open" if settings.open_mode else "keys",
+            "warnings": warnings,
+        }
+    )
+
+
+@router.get("/metrics", response_class=PlainTextResponse, tags=["operations"])
+async def metrics_endpoint(metrics: MetricsDep) -> PlainTextResponse:
+    return PlainTextResponse(
+        generate_latest(metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST
+    )

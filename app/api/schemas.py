@@ -1,0 +1,129 @@
+"""Request and response shapes of the HTTP API, and their JSON encoders.
+
+Responses are built as plain dicts by the ``*_json`` functions (the models document them
+in the OpenAPI schema), which keeps the hot path free of a second validation pass.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app import domain
+from app.domain import Reservation, Usage
+
+LevelName = Literal["green", "amber", "red"]
+StatusName = Literal["held", "committed", "refunded", "expired"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ReserveRequest(_Strict):
+    feature: Annotated[str, Field(min_length=1, max_length=64, examples=["trend_analysis"])]
+    ttl_seconds: (
+        Annotated[int, Field(ge=domain.MIN_TTL_SECONDS, le=domain.MAX_TTL_SECONDS)] | None
+    ) = Field(default=None, description="How long the hold lives if nobody settles it.")
+
+
+class BatchUsageRequest(_Strict):
+    coach_ids: Annotated[list[str], Field(min_length=1, max_length=1000)]
+
+
+class FeatureOut(BaseModel):
+    feature: str
+    cost: int
+    label: str
+
+
+class FeaturesOut(BaseModel):
+    features: list[FeatureOut]
+
+
+class FeatureAvailabilityOut(BaseModel):
+    feature: str
+    cost: int
+    available: bool
+
+
+class UsageOut(BaseModel):
+    coach_id: str
+    period: Annotated[str, Field(examples=["2026-11"])]
+    allowance: int
+    used: int
+    held: int
+    remaining: int
+    percent_used: Annotated[int, Field(ge=0, le=100)]
+    level: LevelName
+    resets_at: Annotated[str, Field(examples=["2026-12-01T00:00:00Z"])]
+    features: list[FeatureAvailabilityOut]
+
+
+class BatchUsageOut(BaseModel):
+    items: list[UsageOut]
+
+
+class ReservationOut(BaseModel):
+    reservation_id: str
+    coach_id: str
+    feature: str
+    cost: int
+    status: StatusName
+    period: str
+    expires_at: str
+    usage: UsageOut
+    note: str | None = Field(
+        default=None,
+        description="Present once committed, e.g. 'Used 3 credits · 34 of 50 left this month'.",
+    )
+
+
+class ProblemOut(BaseModel):
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+
+
+class ReadyOut(BaseModel):
+    status: Literal["ready"]
+    backend: Literal["embedded", "redis", "cluster"]
+    auth: Literal["keys", "open"]
+    warnings: list[str]
+
+
+def usage_json(u: Usage) -> dict[str, object]:
+    return {
+        "coach_id": u.coach_id,
+        "period": str(u.period),
+        "allowance": u.allowance,
+        "used": u.used,
+        "held": u.held,
+        "remaining": u.remaining,
+        "percent_used": u.percent_used,
+        "level": u.level.value,
+        "resets_at": domain.iso_z(u.resets_at),
+        "features": [
+            {"feature": f.feature, "cost": f.cost, "available": f.available} for f in u.features
+        ],
+    }
+
+
+def reservation_json(r: Reservation) -> dict[str, object]:
+    body: dict[str, object] = {
+        "reservation_id": str(r.reservation_id),
+        "coach_id": r.reservation_id.coach_id,
+        "feature": r.feature,
+        "cost": r.cost,
+        "status": r.status.value,
+        "period": str(r.reservation_id.period),
+        "expires_at": domain.iso_z(r.expires_at),
+        "usage": usage_json(r.usage),
+    }
+    note = r.note
+    if note is not None:
+        body["note"] = note
+    return body

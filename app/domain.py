@@ -1,0 +1,341 @@
+"""Pure credit rules: periods, levels, money math, messages and reservation ids.
+
+Nothing here talks to Redis or HTTP, so every rule is testable with a frozen clock.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Final
+
+MAX_TTL_SECONDS: Final = 3600
+MIN_TTL_SECONDS: Final = 1
+DEFAULT_TTL_SECONDS: Final = 300
+
+#: Period keys live this long past ``resets_at``: at least the longest hold
+#: (so a hold made at 23:59:59 can still be settled) and well inside 40 days.
+KEY_GRACE_SECONDS: Final = 24 * 3600
+
+#: Idempotency records are kept this long (the contract asks for at least 24 hours).
+IDEMPOTENCY_TTL_SECONDS: Final = 25 * 3600
+
+COACH_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+IDEMPOTENCY_KEY_RE: Final = re.compile(r"[\x20-\x7e]{1,255}")
+
+FEATURE_LABELS: Final[dict[str, str]] = {
+    "checkin_draft": "Check-in response draft",
+    "trend_analysis": "Client trend analysis",
+}
+
+
+class Level(StrEnum):
+    GREEN = "green"
+    AMBER = "amber"
+    RED = "red"
+
+
+class Status(StrEnum):
+    HELD = "held"
+    COMMITTED = "committed"
+    REFUNDED = "refunded"
+    EXPIRED = "expired"
+
+
+def is_valid_coach_id(coach_id: str) -> bool:
+    return COACH_ID_RE.fullmatch(coach_id) is not None
+
+
+def is_valid_idempotency_key(key: str) -> bool:
+    return IDEMPOTENCY_KEY_RE.fullmatch(key) is not None
+
+
+def feature_label(feature: str) -> str:
+    return FEATURE_LABELS.get(feature, feature.replace("_", " ").capitalize())
+
+
+# --- periods -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Period:
+    """A UTC calendar month."""
+
+    year: int
+    month: int
+
+    @classmethod
+    def containing(cls, instant: datetime) -> Period:
+        utc = instant.astimezone(UTC)
+        return cls(utc.year, utc.month)
+
+    @classmethod
+    def parse(cls, text: str) -> Period:
+        match = re.fullmatch(r"(\d{4})-(\d{2})", text)
+        if match is None:
+            raise ValueError(f"not a period: {text!r}")
+        year, month = int(match[1]), int(match[2])
+        if not 1 <= month <= 12 or year < 1970:
+            raise ValueError(f"not a period: {text!r}")
+        return cls(year, month)
+
+    def __str__(self) -> str:
+        return f"{self.year:04d}-{self.month:02d}"
+
+    @property
+    def starts_at(self) -> datetime:
+        return datetime(self.year, self.month, 1, tzinfo=UTC)
+
+    @property
+    def next(self) -> Period:
+        return Period(self.year + 1, 1) if self.month == 12 else Period(self.year, self.month + 1)
+
+    @property
+    def resets_at(self) -> datetime:
+        return self.next.starts_at
+
+    @property
+    def keys_expire_at(self) -> datetime:
+        return self.resets_at + timedelta(seconds=KEY_GRACE_SECONDS)
+
+    @property
+    def month_name(self) -> str:
+        return self.starts_at.strftime("%B")
+
+
+def to_ms(instant: datetime) -> int:
+    return int(instant.timestamp() * 1000)
+
+
+def from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def iso_z(instant: datetime) -> str:
+    """RFC 3339 in UTC with a ``Z``, second precision unless there are milliseconds."""
+    utc = instant.astimezone(UTC)
+    if utc.microsecond:
+        return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    return utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def human_reset(resets_at: datetime) -> str:
+    """``December 1 at 00:00 UTC``."""
+    return f"{resets_at:%B} {resets_at.day} at {resets_at:%H:%M} UTC"
+
+
+def seconds_until(later: datetime, now: datetime) -> int:
+    """Whole seconds, rounded up, at least 1: a client that waits this long is past it."""
+    delta = (later - now).total_seconds()
+    return max(1, int(-(-delta // 1)))
+
+
+# --- money math ----------------------------------------------------------------
+
+
+def remaining(allowance: int, used: int, held: int) -> int:
+    return max(0, allowance - used - held)
+
+
+def percent_used(used: int, allowance: int) -> int:
+    if allowance <= 0:
+        return 100
+    return min(100, used * 100 // allowance)
+
+
+def level(used: int, allowance: int) -> Level:
+    # Integer comparison avoids float surprises exactly at 70 % and 90 %.
+    if allowance <= 0 or used * 100 > allowance * 90:
+        return Level.RED
+    if used * 100 > allowance * 70:
+        return Level.AMBER
+    return Level.GREEN
+
+
+def credits_word(n: int) -> str:
+    return "credit" if n == 1 else "credits"
+
+
+def commit_note(cost: int, remaining_after: int, allowance: int) -> str:
+    return f"Used {cost} {credits_word(cost)} · {remaining_after} of {allowance} left this month"
+
+
+def exhausted_detail(
+    *,
+    feature: str,
+    cost: int,
+    allowance: int,
+    used: int,
+    held: int,
+    period: Period,
+    hold_wait_seconds: int | None,
+) -> str:
+    """The calm sentence a coach reads when an action does not fit.
+
+    Three cases: everything used; some left but not enough; enough in principle but
+    tied up in actions still running (``hold_wait_seconds`` is when the first frees up).
+    """
+    when = human_reset(period.resets_at)
+    left = remaining(allowance, used, held)
+    if allowance - used >= cost and hold_wait_seconds is not None:
+        return (
+            f"{feature_label(feature)} needs {cost} {credits_word(cost)}; {held} of your "
+            f"credits are tied up in AI actions still in progress and free up within "
+            f"{_human_duration(hold_wait_seconds)}. Please try again then."
+        )
+    if used >= allowance:
+        return (
+            f"You've used all {allowance} AI credits for {period.month_name}. "
+            f"They refresh on {when}."
+        )
+    return (
+        f"{feature_label(feature)} needs {cost} {credits_word(cost)} and you have {left} "
+        f"left this month. Credits refresh on {when}."
+    )
+
+
+def _human_duration(seconds: int) -> str:
+    if seconds < 60:
+        return f"{seconds} {'second' if seconds == 1 else 'seconds'}"
+    minutes = -(-seconds // 60)
+    return f"{minutes} {'minute' if minutes == 1 else 'minutes'}"
+
+
+# --- reservation ids -------------------------------------------------------------
+
+_TOKEN_BYTES: Final = 16  # 128 random bits
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationId:
+    """``<b64url(coach_id)>.<YYYYMM>.<b64url(16 random bytes)>``.
+
+    The coach and period say which keys to open; the random token names the hold.
+    Anything that does not decode to a valid coach, period and token is simply unknown.
+    """
+
+    coach_id: str
+    period: Period
+    token: str
+
+    @classmethod
+    def new(cls, coach_id: str, period: Period) -> ReservationId:
+        token = base64.urlsafe_b64encode(secrets.token_bytes(_TOKEN_BYTES)).rstrip(b"=")
+        return cls(coach_id, period, token.decode())
+
+    @classmethod
+    def parse(cls, text: str) -> ReservationId | None:
+        parts = text.split(".")
+        if len(parts) != 3 or len(text) > 256:
+            return None
+        raw_coach, raw_period, token = parts
+        try:
+            coach_id = _b64decode(raw_coach).decode("ascii")
+            token_bytes = _b64decode(token)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not is_valid_coach_id(coach_id) or len(token_bytes) != _TOKEN_BYTES:
+            return None
+        if len(raw_period) != 6 or not raw_period.isdigit():
+            return None
+        try:
+            period = Period.parse(f"{raw_period[:4]}-{raw_period[4:]}")
+        except ValueError:
+            return None
+        # Reject non-canonical encodings so one hold has exactly one id.
+        if _b64encode(token_bytes) != token or _b64encode(coach_id.encode()) != raw_coach:
+            return None
+        return cls(coach_id, period, token)
+
+    def __str__(self) -> str:
+        return (
+            f"{_b64encode(self.coach_id.encode())}.{self.period.year:04d}"
+            f"{self.period.month:02d}.{self.token}"
+        )
+
+
+def _b64encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _b64decode(text: str) -> bytes:
+    if not text or not re.fullmatch(r"[A-Za-z0-9_-]+", text):
+        raise ValueError("not base64url")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except binascii.Error as exc:
+        raise ValueError("not base64url") from exc
+
+
+# --- what callers read ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureAvailability:
+    feature: str
+    cost: int
+    available: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    coach_id: str
+    period: Period
+    allowance: int
+    used: int
+    held: int
+    features: tuple[FeatureAvailability, ...]
+
+    @classmethod
+    def of(
+        cls,
+        coach_id: str,
+        period: Period,
+        *,
+        allowance: int,
+        used: int,
+        held: int,
+        costs: dict[str, int],
+    ) -> Usage:
+        left = remaining(allowance, used, held)
+        features = tuple(
+            FeatureAvailability(name, cost, cost <= left) for name, cost in costs.items()
+        )
+        return cls(coach_id, period, allowance, used, held, features)
+
+    @property
+    def remaining(self) -> int:
+        return remaining(self.allowance, self.used, self.held)
+
+    @property
+    def percent_used(self) -> int:
+        return percent_used(self.used, self.allowance)
+
+    @property
+    def level(self) -> Level:
+        return level(self.used, self.allowance)
+
+    @property
+    def resets_at(self) -> datetime:
+        return self.period.resets_at
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    reservation_id: ReservationId
+    feature: str
+    cost: int
+    status: Status
+    expires_at: datetime
+    usage: Usage
+
+    @property
+    def note(self) -> str | None:
+        if self.status is not Status.COMMITTED:
+            return None
+        return commit_note(self.cost, self.usage.remaining, self.usage.allowance)

@@ -1,0 +1,115 @@
+"""The ASGI app: settings, Redis client, store and routes wired together in a lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from app.api import problems
+from app.api.deps import KeyRing
+from app.api.limits import BodySizeLimit
+from app.api.routes import router
+from app.config import Settings
+from app.errors import BackendUnavailable
+from app.metrics import Metrics
+from app.store import AnyRedis, Clock, CreditStore, utc_now
+
+log = logging.getLogger("credits")
+
+
+def connect(settings: Settings) -> AnyRedis:
+    """A client with bounded waits everywhere and no automatic command retries: a
+    reserve retried blindly after a timeout could hold twice, so retries are the
+    caller's, with an Idempotency-Key."""
+    timeout = settings.redis_timeout_seconds
+    if settings.redis_url is None:
+        import fakeredis
+
+        client: Redis = fakeredis.FakeAsyncRedis(decode_responses=True)
+        return client
+    if settings.redis_cluster:
+        return RedisCluster.from_url(
+            settings.redis_url,
+            decode_responses=True,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            max_connections=settings.redis_max_connections,
+            retry=Retry(NoBackoff(), 1),
+        )
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        max_connections=settings.redis_max_connections,
+        timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return Redis(connection_pool=pool)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    redis: AnyRedis | None = None,
+    clock: Clock = utc_now,
+) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = redis if redis is not None else connect(settings)
+        app.state.store = CreditStore(
+            client,
+            allowance=settings.monthly_allowance,
+            feature_costs=settings.feature_costs,
+            default_ttl_seconds=settings.reservation_ttl_seconds,
+            release_batch=settings.release_batch,
+            events_max=settings.events_max,
+            op_timeout_seconds=settings.redis_timeout_seconds * 2.5,
+            clock=clock,
+            metrics=app.state.metrics,
+        )
+        if settings.embedded:
+            log.warning(
+                "EMBEDDED REDIS: CREDITS_REDIS_URL is not set, so credits live in this "
+                "process only and vanish when it stops. For trying out; run one process."
+            )
+        if settings.open_mode:
+            log.warning(
+                "OPEN MODE: CREDITS_API_KEYS is not set, so every caller may spend and read "
+                "credits without a key. Never run like this outside a laptop."
+            )
+        try:
+            await app.state.store.ensure_scripts()
+        except BackendUnavailable:
+            log.warning("redis is not reachable at start-up; serving 503 until it is")
+        try:
+            yield
+        finally:
+            if redis is None:
+                await client.aclose()
+
+    app = FastAPI(
+        title="AI credits",
+        version="1.0.0",
+        summary="Monthly AI credits for coaches: reserve, commit on success, refund on failure.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.keyring = KeyRing({k: list(v) for k, v in settings.api_keys.items()})
+    app.state.metrics = Metrics()
+    problems.install(app)
+    app.include_router(router)
+    app.add_middleware(BodySizeLimit)
+    return app
+
+
+app = create_app()

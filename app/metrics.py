@@ -1,0 +1,46 @@
+"""Prometheus metrics. Counters are per process; see the README for multi-worker setups."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.reservations = Counter(
+            "credits_reservations_total",
+            "Reservation outcomes by feature: held, committed, refunded, expired, exhausted.",
+            ["feature", "outcome"],
+            registry=r,
+        )
+        self.credits = Counter(
+            "credits_credits_total",
+            "Credits moved by settlement: committed, refunded or expired.",
+            ["kind"],
+            registry=r,
+        )
+        self.exhausted = Counter(
+            "credits_exhausted_refusals_total",
+            "Reservations refused because credits were exhausted.",
+            ["feature"],
+            registry=r,
+        )
+        self.redis_latency = Histogram(
+            "credits_redis_call_seconds",
+            "Latency of one Redis script call or pipeline.",
+            ["operation"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.redis_unavailable = Counter(
+            "credits_redis_unavailable_total",
+            "Requests answered 503 because Redis could not be reached in time.",
+            registry=r,
+        )
+        self.scripts_reloaded = Counter(
+            "credits_scripts_reloaded_total",
+            "Lua scripts loaded again because Redis had lost them.",
+            registry=r,
+        )

@@ -1,0 +1,435 @@
+"""The ledger in Redis: key names, script calls, and decoding their replies.
+
+This is the only module that knows Redis. Every change is one Lua script call on one
+coach's keys; Python picks the period, the clock reading, the expiries and the key
+names and passes them in, so month boundaries are testable with a frozen clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, NamedTuple, TypeVar
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
+
+from app import domain
+from app.domain import (
+    IDEMPOTENCY_TTL_SECONDS,
+    Period,
+    Reservation,
+    ReservationId,
+    Status,
+    Usage,
+)
+from app.errors import (
+    BackendUnavailable,
+    CreditsExhausted,
+    IdempotencyKeyReused,
+    InvalidCoachId,
+    ReservationCommitted,
+    ReservationExpired,
+    ReservationNotFound,
+    ReservationRefunded,
+    UnknownFeature,
+)
+from app.metrics import Metrics
+
+log = logging.getLogger("credits.store")
+
+AnyRedis = Redis | RedisCluster
+Clock = Callable[[], datetime]
+T = TypeVar("T")
+
+LUA_DIR: Final = Path(__file__).resolve().parent.parent / "lua"
+SCRIPT_NAMES: Final = ("reserve", "commit", "refund", "get_reservation", "get_usage")
+KEY_PREFIX: Final = "credits"
+
+#: Redis failures that mean "not reachable right now", as opposed to a bug.
+UNAVAILABLE_ERRORS: Final = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.BusyLoadingError,
+    redis_errors.ClusterDownError,
+    redis_errors.TryAgainError,
+    redis_errors.MasterDownError,
+    redis_errors.ReadOnlyError,
+    redis_errors.SlotNotCoveredError,
+    redis_errors.MaxConnectionsError,
+    TimeoutError,
+    OSError,
+)
+
+_STATES: Final = {
+    "h": Status.HELD,
+    "c": Status.COMMITTED,
+    "r": Status.REFUNDED,
+    "e": Status.EXPIRED,
+}
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def load_script_source(name: str) -> str:
+    """An operation's Lua source with the shared helpers in front of it."""
+    common = (LUA_DIR / "_common.lua").read_text()
+    return f"{common}\n{(LUA_DIR / f'{name}.lua').read_text()}"
+
+
+# --- key names -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodKeys:
+    account: str
+    holds: str
+    events: str
+
+
+def period_keys(coach_id: str, period: Period) -> PeriodKeys:
+    # The {coach_id} hash tag puts every key of a coach in one cluster slot. Valid coach
+    # ids hold no braces, so the tag is exactly the id.
+    base = f"{KEY_PREFIX}:{{{coach_id}}}:{period}"
+    return PeriodKeys(f"{base}:account", f"{base}:holds", f"{base}:events")
+
+
+def idempotency_key_name(coach_id: str, principal: str, idempotency_key: str) -> str:
+    # Hashed: a caller's key never appears raw in a key name (no braces, no size games).
+    digest = hashlib.sha256(f"{principal}\n{idempotency_key}".encode()).hexdigest()[:40]
+    return f"{KEY_PREFIX}:{{{coach_id}}}:idem:{digest}"
+
+
+# --- script replies ------------------------------------------------------------------
+
+
+class Reply(NamedTuple):
+    status: str
+    used: int
+    held: int
+    token: str
+    state: str
+    cost: int
+    expires_ms: int
+    feature: str
+    extra: str
+    swept: int
+
+
+def decode_reply(raw: Sequence[Any]) -> Reply:
+    """Every script answers ``{status, used, held, token, state, cost, expires_ms,
+    feature, extra, swept}``; this is the one place that reads that shape."""
+
+    def text(v: Any) -> str:
+        return v.decode() if isinstance(v, bytes) else str(v)
+
+    return Reply(
+        text(raw[0]),
+        int(raw[1]),
+        int(raw[2]),
+        text(raw[3]),
+        text(raw[4]),
+        int(raw[5]),
+        int(raw[6]),
+        text(raw[7]),
+        text(raw[8]),
+        int(raw[9]),
+    )
+
+
+class CreditStore:
+    """Reserve, commit, refund and read credits for coaches."""
+
+    def __init__(
+        self,
+        redis: AnyRedis,
+        *,
+        allowance: int = 50,
+        feature_costs: dict[str, int] | None = None,
+        default_ttl_seconds: int = domain.DEFAULT_TTL_SECONDS,
+        release_batch: int = 100,
+        events_max: int = 10_000,
+        op_timeout_seconds: float = 2.5,
+        clock: Clock = utc_now,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.redis = redis
+        self.allowance = allowance
+        self.feature_costs = dict(feature_costs or {"checkin_draft": 1, "trend_analysis": 3})
+        self.default_ttl_seconds = default_ttl_seconds
+        self.release_batch = release_batch
+        self.events_max = events_max
+        self.op_timeout_seconds = op_timeout_seconds
+        self.clock = clock
+        self.metrics = metrics or Metrics()
+        self.scripts: dict[str, AsyncScript] = {
+            name: redis.register_script(load_script_source(name)) for name in SCRIPT_NAMES
+        }
+
+    # --- plumbing --------------------------------------------------------------------
+
+    async def _guard(self, call: Awaitable[T]) -> T:
+        """Bound every Redis conversation and turn "not reachable" into one error."""
+        try:
+            async with asyncio.timeout(self.op_timeout_seconds):
+                return await call
+        except UNAVAILABLE_ERRORS as exc:
+            log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
+            raise BackendUnavailable() from exc
+
+    async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Reply:
+        started = time.perf_counter()
+        raw = await self._guard(self.scripts[name](keys=list(keys), args=list(args)))
+        self.metrics.redis_latency.labels(name).observe(time.perf_counter() - started)
+        reply = decode_reply(raw)
+        if reply.swept:
+            self.metrics.credits.labels("expired").inc(reply.swept)
+        return reply
+
+    async def ensure_scripts(self) -> None:
+        """Load any script Redis has forgotten (a restart, a flush, a new primary)."""
+
+        async def load() -> None:
+            shas = [s.sha for s in self.scripts.values()]
+            exists = await self.redis.script_exists(*shas)
+            present = _all_nodes_agree(exists, len(shas))
+            for script, ok in zip(self.scripts.values(), present, strict=True):
+                if not ok:
+                    script.sha = await self.redis.script_load(script.script)
+                    self.metrics.scripts_reloaded.inc()
+
+        await self._guard(load())
+
+    async def ping(self) -> None:
+        await self._guard(self.redis.ping())
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def cost_of(self, feature: str) -> int:
+        try:
+            return self.feature_costs[feature]
+        except KeyError:
+            known = ", ".join(sorted(self.feature_costs))
+            raise UnknownFeature(
+                f"There is no feature called {feature!r}. Known features: {known}."
+            ) from None
+
+    @staticmethod
+    def check_coach_id(coach_id: str) -> None:
+        if not domain.is_valid_coach_id(coach_id):
+            raise InvalidCoachId(
+                "A coach id is 1-128 characters of letters, digits and . _ : @ -, "
+                "starting with a letter or digit."
+            )
+
+    def _usage(self, coach_id: str, period: Period, used: int, held: int) -> Usage:
+        return Usage.of(
+            coach_id,
+            period,
+            allowance=self.allowance,
+            used=used,
+            held=held,
+            costs=self.feature_costs,
+        )
+
+    def _reservation(self, rid: ReservationId, reply: Reply) -> Reservation:
+        return Reservation(
+            reservation_id=rid,
+            feature=reply.feature,
+            cost=reply.cost,
+            status=_STATES[reply.state],
+            expires_at=domain.from_ms(reply.expires_ms),
+            usage=self._usage(rid.coach_id, rid.period, reply.used, reply.held),
+        )
+
+    # --- operations ------------------------------------------------------------------
+
+    async def reserve(
+        self,
+        coach_id: str,
+        feature: str,
+        *,
+        ttl_seconds: int | None = None,
+        idempotency_key: str | None = None,
+        principal: str = "",
+    ) -> tuple[Reservation, bool]:
+        """Hold the feature's cost. Returns the reservation and whether it is new
+        (False: an idempotent replay of an earlier request)."""
+        self.check_coach_id(coach_id)
+        cost = self.cost_of(feature)
+        ttl = self.default_ttl_seconds if ttl_seconds is None else ttl_seconds
+        now = self.clock()
+        period = Period.containing(now)
+        rid = ReservationId.new(coach_id, period)
+        keys = period_keys(coach_id, period)
+        key_list = [keys.account, keys.holds, keys.events]
+        if idempotency_key is not None:
+            key_list.append(idempotency_key_name(coach_id, principal, idempotency_key))
+        now_ms = domain.to_ms(now)
+        reply = await self._run(
+            "reserve",
+            key_list,
+            [
+                now_ms,
+                rid.token,
+                feature,
+                cost,
+                now_ms + ttl * 1000,
+                self.allowance,
+                domain.to_ms(period.keys_expire_at),
+                IDEMPOTENCY_TTL_SECONDS * 1000,
+                str(period),
+                self.release_batch,
+                self.events_max,
+            ],
+        )
+        if reply.status == "OK":
+            self.metrics.reservations.labels(feature, "held").inc()
+            return self._reservation(rid, reply), True
+        if reply.status == "REPLAY":
+            return self._reservation(ReservationId(coach_id, period, reply.token), reply), False
+        if reply.status == "REPLAY_ELSEWHERE":
+            earlier = ReservationId(coach_id, Period.parse(reply.extra), reply.token)
+            return await self.get_reservation(str(earlier)), False
+        if reply.status == "IDEM_REUSED":
+            raise IdempotencyKeyReused(
+                f"This Idempotency-Key was already used to reserve {reply.feature!r}; "
+                "use a new key for a different request."
+            )
+        if reply.status == "EXHAUSTED":
+            self.metrics.reservations.labels(feature, "exhausted").inc()
+            self.metrics.exhausted.labels(feature).inc()
+            raise self._exhausted(feature, cost, period, now, reply)
+        raise RuntimeError(f"unexpected reserve reply {reply.status!r}")
+
+    def _exhausted(
+        self, feature: str, cost: int, period: Period, now: datetime, reply: Reply
+    ) -> CreditsExhausted:
+        first_expiry = int(reply.extra or 0)
+        held_up = self.allowance - reply.used >= cost and first_expiry > 0
+        hold_wait = domain.seconds_until(domain.from_ms(first_expiry), now) if held_up else None
+        retry_after = (
+            hold_wait if hold_wait is not None else domain.seconds_until(period.resets_at, now)
+        )
+        detail = domain.exhausted_detail(
+            feature=feature,
+            cost=cost,
+            allowance=self.allowance,
+            used=reply.used,
+            held=reply.held,
+            period=period,
+            hold_wait_seconds=hold_wait,
+        )
+        return CreditsExhausted(
+            detail,
+            feature=feature,
+            cost=cost,
+            remaining=domain.remaining(self.allowance, reply.used, reply.held),
+            resets_at=period.resets_at,
+            retry_after=retry_after,
+        )
+
+    def _parse_id(self, reservation_id: str) -> ReservationId:
+        rid = ReservationId.parse(reservation_id)
+        if rid is None:
+            raise ReservationNotFound(reservation_id)
+        return rid
+
+    async def get_reservation(self, reservation_id: str) -> Reservation:
+        rid = self._parse_id(reservation_id)
+        keys = period_keys(rid.coach_id, rid.period)
+        reply = await self._run(
+            "get_reservation",
+            [keys.account, keys.holds],
+            [domain.to_ms(self.clock()), rid.token],
+        )
+        if reply.status == "NOT_FOUND":
+            raise ReservationNotFound(reservation_id)
+        return self._reservation(rid, reply)
+
+    async def _settle(self, script: str, reservation_id: str) -> Reservation:
+        rid = self._parse_id(reservation_id)
+        keys = period_keys(rid.coach_id, rid.period)
+        reply = await self._run(
+            script,
+            [keys.account, keys.holds, keys.events],
+            [domain.to_ms(self.clock()), rid.token, self.release_batch, self.events_max],
+        )
+        match reply.status:
+            case "OK":
+                reservation = self._reservation(rid, reply)
+                if reply.extra != "again":
+                    outcome = reservation.status.value
+                    self.metrics.reservations.labels(reply.feature, outcome).inc()
+                    if reservation.status is not Status.EXPIRED:  # counted when swept
+                        self.metrics.credits.labels(outcome).inc(reply.cost)
+                return reservation
+            case "NOT_FOUND":
+                raise ReservationNotFound(reservation_id)
+            case "REFUNDED":
+                raise ReservationRefunded(reservation_id)
+            case "EXPIRED":
+                raise ReservationExpired(reservation_id)
+            case "COMMITTED":
+                raise ReservationCommitted(reservation_id)
+        raise RuntimeError(f"unexpected {script} reply {reply.status!r}")
+
+    async def commit(self, reservation_id: str) -> Reservation:
+        return await self._settle("commit", reservation_id)
+
+    async def refund(self, reservation_id: str) -> Reservation:
+        return await self._settle("refund", reservation_id)
+
+    async def usage(self, coach_id: str) -> Usage:
+        self.check_coach_id(coach_id)
+        return (await self.usage_many([coach_id]))[0]
+
+    async def usage_many(self, coach_ids: Sequence[str]) -> list[Usage]:
+        """Counters for many coaches in one pipelined round trip (per node)."""
+        for coach_id in coach_ids:
+            self.check_coach_id(coach_id)
+        now = self.clock()
+        period = Period.containing(now)
+        now_ms = domain.to_ms(now)
+        script = self.scripts["get_usage"]
+        pairs = [period_keys(c, period) for c in coach_ids]
+
+        async def run() -> list[Any]:
+            if isinstance(self.redis, RedisCluster):
+                # Cluster pipelines cannot load scripts; bounded fan-out instead.
+                sem = asyncio.Semaphore(64)
+
+                async def one(k: PeriodKeys) -> Any:
+                    async with sem:
+                        return await script(keys=[k.account, k.holds], args=[now_ms])
+
+                return list(await asyncio.gather(*(one(k) for k in pairs)))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for k in pairs:
+                    await script(keys=[k.account, k.holds], args=[now_ms], client=pipe)
+                return list(await pipe.execute())
+
+        replies = await self._guard(run())
+        return [
+            self._usage(c, period, r.used, r.held)
+            for c, r in zip(coach_ids, map(decode_reply, replies), strict=True)
+        ]
+
+
+def _all_nodes_agree(exists: Any, count: int) -> list[bool]:
+    """``SCRIPT EXISTS`` answers a list, or on a cluster a list per node: a script is
+    present only where every node has it."""
+    if isinstance(exists, dict):
+        per_node = list(exists.values())
+        return [all(bool(node[i]) for node in per_node) for i in range(count)]
+    return [bool(x) for x in exists]

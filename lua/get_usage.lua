@@ -1,0 +1,12 @@
+-- get_usage: one coach's counters for one period. Writes nothing, creates no key.
+--
+-- KEYS[1] account hash     KEYS[2] holds zset
+-- ARGV[1] now (ms since epoch)
+--
+-- Reply: {status, used, held, token, state, cost, expires_ms, feature, extra, swept}
+--   swept: credits this call returned from lapsed holds (their expiry)
+--   OK   used and held credits; holds past their expiry no longer count as held
+local account, holds = KEYS[1], KEYS[2]
+local now = tonumber(ARGV[1])
+local used = num(redis.call('HGET', account, 'used'))
+return {'OK', used, effective_held(account, holds, now), '', '', 0, 0, '', '', swept}

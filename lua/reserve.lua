@@ -1,0 +1,73 @@
+-- reserve: hold `cost` credits for one coach in one period, if they fit.
+--
+-- KEYS[1] account hash     KEYS[2] holds zset     KEYS[3] events list
+-- KEYS[4] idempotency record (optional; absent when the caller sent no key)
+-- ARGV[1] now (ms since epoch)         ARGV[2] token of the new hold
+-- ARGV[3] feature                      ARGV[4] cost (credits)
+-- ARGV[5] hold expires at (ms)         ARGV[6] allowance (credits per period)
+-- ARGV[7] period keys expire at (ms)   ARGV[8] idempotency record TTL (ms)
+-- ARGV[9] period (YYYY-MM)             ARGV[10] lapsed holds released per call
+-- ARGV[11] events kept per period
+--
+-- Reply: {status, used, held, token, state, cost, expires_ms, feature, extra, swept}
+--   swept: credits this call returned from lapsed holds (their expiry)
+--   OK              the hold was made
+--   REPLAY          the idempotency key was seen: the existing reservation, held again never
+--   REPLAY_ELSEWHERE  seen, but its reservation lives in period `extra`
+--   IDEM_REUSED     the key was used for another feature
+--   EXHAUSTED       it does not fit; extra = earliest live hold expiry (ms) or 0
+local account, holds, events, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local now = tonumber(ARGV[1])
+local token, feature, cost = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local expires, allowance = tonumber(ARGV[5]), tonumber(ARGV[6])
+local keys_expire_at, idem_ttl, period = ARGV[7], ARGV[8], ARGV[9]
+local batch, events_max = tonumber(ARGV[10]), tonumber(ARGV[11])
+
+release_lapsed(account, holds, events, events_max, now, batch)
+
+if idem then
+  local seen = redis.call('GET', idem)
+  if seen then
+    local seen_feature, seen_period, seen_token = string.match(seen, '^(.*)|(.*)|(.*)$')
+    if seen_feature ~= feature then
+      return {'IDEM_REUSED', 0, 0, seen_token, '', 0, 0, seen_feature, '', swept}
+    end
+    if seen_period ~= period then
+      return {'REPLAY_ELSEWHERE', 0, 0, seen_token, '', 0, 0, seen_feature, seen_period, swept}
+    end
+    local rec = redis.call('HGET', account, 'r:' .. seen_token)
+    if rec then
+      local state, c, e, f = parse_record(rec)
+      if state == 'h' and e <= now then
+        expire_hold(account, holds, events, events_max, seen_token, c, e, f)
+        state = 'e'
+      end
+      local u, h = unpack(redis.call('HMGET', account, 'used', 'held'))
+      return {'REPLAY', num(u), num(h), seen_token, state, c, e, f, '', swept}
+    end
+    -- The record is gone with its period: fall through and hold afresh.
+  end
+end
+
+local used, held = unpack(redis.call('HMGET', account, 'used', 'held'))
+used, held = num(used), num(held)
+if used + held + cost > allowance then
+  -- Only near exhaustion is it worth releasing beyond one batch: a refusal must be real.
+  while used + held + cost > allowance and release_lapsed(account, holds, events, events_max, now, batch) > 0 do
+    held = num(redis.call('HGET', account, 'held'))
+  end
+  if used + held + cost > allowance then
+    local first = redis.call('ZRANGE', holds, 0, 0, 'WITHSCORES')
+    return {'EXHAUSTED', used, held, '', '', cost, 0, feature, first[2] or '0', swept}
+  end
+end
+
+redis.call('HSET', account, 'r:' .. token, record('h', cost, expires, feature))
+held = redis.call('HINCRBY', account, 'held', cost)
+redis.call('ZADD', holds, expires, token .. ':' .. cost)
+log_event(account, events, events_max, now, 'held', token, feature, cost)
+touch(keys_expire_at, account, holds, events)
+if idem then
+  redis.call('SET', idem, feature .. '|' .. period .. '|' .. token, 'PX', idem_ttl)
+end
+return {'OK', used, held, token, 'h', cost, expires, feature, '', swept}

@@ -1,0 +1,98 @@
+"""Shared fixtures: a frozen clock, the same store on fakeredis and on a real Redis, and
+the HTTP app over either."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import fakeredis
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from app.config import Settings
+from app.main import create_app
+from app.store import AnyRedis, CreditStore
+from tests.redis_procs import RedisProcess
+
+
+class FrozenClock:
+    """A clock that only moves when a test moves it."""
+
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float = 0, **delta: float) -> datetime:
+        self.now += timedelta(seconds=seconds, **delta)
+        return self.now
+
+    def set(self, instant: datetime) -> datetime:
+        self.now = instant
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FrozenClock:
+    return FrozenClock(datetime(2026, 11, 14, 12, 0, 0, tzinfo=UTC))
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """A private redis-server for the whole run; tests that break it use their own."""
+    server = RedisProcess(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_workdir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+@pytest.fixture(params=["fakeredis", "redis"])
+async def backend(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[AnyRedis]:
+    """The same client interface over fakeredis (with Lua) and a real Redis."""
+    client: AnyRedis
+    if request.param == "fakeredis":
+        client = fakeredis.FakeAsyncRedis(decode_responses=True)
+    else:
+        server: RedisProcess = request.getfixturevalue("redis_server")
+        client = Redis.from_url(server.url, decode_responses=True)
+    await client.flushall()
+    yield client
+    await client.flushall()
+    await client.aclose()
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings()
+
+
+@pytest.fixture
+def store(backend: AnyRedis, clock: FrozenClock, settings: Settings) -> CreditStore:
+    return CreditStore(
+        backend,
+        allowance=settings.monthly_allowance,
+        feature_costs=settings.feature_costs,
+        clock=clock,
+    )
+
+
+@pytest.fixture
+async def api(
+    backend: AnyRedis, clock: FrozenClock, settings: Settings
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client for the app, its lifespan running, on the parametrized backend."""
+    app = create_app(settings, redis=backend, clock=clock)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://credits") as client:
+            yield client
