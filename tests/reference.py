@@ -1,0 +1,246 @@
+"""A plain-Python reference model of the credit ledger.
+
+It knows nothing of Redis: it keeps, per coach and period, the reservations with their
+state and expiry, and derives ``used`` and ``held`` from them, so the store's counters
+can be checked against a ledger that is correct by construction. Idempotency records
+are keyed by (principal, coach, key) and never lapse here: tests run for seconds of real
+time, far inside the 24 hours the records are kept.
+
+Reservation ids are minted by the store (they hold random bits), so a new hold is a
+two-step affair: :meth:`Ledger.reserve` decides what must happen, and when that is a new
+hold the caller hands the store's id to :meth:`Ledger.bind`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from app.domain import Period, ReservationId, Status, remaining
+
+DEFAULT_COSTS = {"checkin_draft": 1, "trend_analysis": 3}
+
+
+class Kind(StrEnum):
+    """What a reserve request must come to."""
+
+    HELD = "held"  # a new hold
+    REPLAY = "replay"  # the key was seen: the earlier reservation, nothing held
+    REUSED = "reused"  # the key was seen with another feature
+    EXHAUSTED = "exhausted"  # it does not fit
+
+
+class Settle(StrEnum):
+    """What a commit or refund must come to."""
+
+    OK = "ok"
+    NOT_FOUND = "not_found"
+    REFUNDED = "refunded"
+    EXPIRED = "expired"
+    COMMITTED = "committed"
+
+
+@dataclass
+class RefReservation:
+    rid: str
+    coach_id: str
+    period: Period
+    feature: str
+    cost: int
+    expires_at: datetime
+    #: Stored state; a HELD one past ``expires_at`` reads as EXPIRED (see :meth:`state_at`).
+    state: Status = Status.HELD
+    #: How many times it left HELD; the ledger is wrong if this ever exceeds 1.
+    settlements: int = 0
+
+    def state_at(self, now: datetime) -> Status:
+        if self.state is Status.HELD and self.expires_at <= now:
+            return Status.EXPIRED
+        return self.state
+
+    def live_at(self, now: datetime) -> bool:
+        return self.state_at(now) is Status.HELD
+
+
+@dataclass(frozen=True)
+class Counters:
+    used: int
+    held: int
+    allowance: int
+
+    @property
+    def remaining(self) -> int:
+        return remaining(self.allowance, self.used, self.held)
+
+
+@dataclass
+class Decision:
+    """The model's verdict on one reserve request."""
+
+    kind: Kind
+    coach_id: str
+    feature: str
+    cost: int
+    period: Period
+    expires_at: datetime
+    #: For REPLAY and REUSED: the reservation the key points at.
+    earlier: RefReservation | None = None
+    #: For EXHAUSTED: the counters the refusal was based on.
+    counters: Counters | None = None
+    idem: tuple[str, str, str] | None = None
+
+
+@dataclass
+class Ledger:
+    allowance: int = 50
+    costs: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_COSTS))
+    reservations: dict[str, RefReservation] = field(default_factory=dict)
+    idempotency: dict[tuple[str, str, str], tuple[str, str]] = field(default_factory=dict)
+    #: (coach, period) -> reservation ids, so counters need no scan of everything.
+    by_period: dict[tuple[str, Period], list[str]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+
+    # --- reading ----------------------------------------------------------------------
+
+    def counters(self, coach_id: str, period: Period, now: datetime) -> Counters:
+        used = held = 0
+        for rid in self.by_period.get((coach_id, period), ()):
+            res = self.reservations[rid]
+            state = res.state_at(now)
+            if state is Status.COMMITTED:
+                used += res.cost
+            elif state is Status.HELD:
+                held += res.cost
+        return Counters(used, held, self.allowance)
+
+    def usage(self, coach_id: str, now: datetime) -> Counters:
+        return self.counters(coach_id, Period.containing(now), now)
+
+    def get(self, rid: str) -> RefReservation | None:
+        return self.reservations.get(rid)
+
+    def coaches(self) -> set[str]:
+        return {coach for coach, _ in self.by_period}
+
+    def periods(self) -> set[tuple[str, Period]]:
+        return set(self.by_period)
+
+    # --- reserving --------------------------------------------------------------------
+
+    def reserve(
+        self,
+        coach_id: str,
+        feature: str,
+        now: datetime,
+        *,
+        ttl_seconds: int,
+        idempotency_key: str | None = None,
+        principal: str = "",
+    ) -> Decision:
+        cost = self.costs[feature]
+        period = Period.containing(now)
+        decision = Decision(
+            Kind.HELD,
+            coach_id,
+            feature,
+            cost,
+            period,
+            now + timedelta(seconds=ttl_seconds),
+        )
+        if idempotency_key is not None:
+            decision.idem = (principal, coach_id, idempotency_key)
+            seen = self.idempotency.get(decision.idem)
+            if seen is not None:
+                seen_feature, seen_rid = seen
+                decision.earlier = self.reservations[seen_rid]
+                # A replay answers from wherever the first hold lives, even another period.
+                decision.kind = Kind.REUSED if seen_feature != feature else Kind.REPLAY
+                return decision
+        counters = self.counters(coach_id, period, now)
+        if counters.used + counters.held + cost > self.allowance:
+            decision.kind = Kind.EXHAUSTED
+            decision.counters = counters
+        return decision
+
+    def bind(self, decision: Decision, rid: str) -> RefReservation:
+        """Record the new hold a HELD decision made, under the id the store minted."""
+        assert decision.kind is Kind.HELD, decision
+        assert rid not in self.reservations, f"reservation id {rid} minted twice"
+        parsed = ReservationId.parse(rid)
+        assert parsed is not None, f"store minted an unparsable id {rid!r}"
+        assert parsed.coach_id == decision.coach_id
+        assert parsed.period == decision.period, "a hold belongs to the period it was made in"
+        res = RefReservation(
+            rid,
+            decision.coach_id,
+            decision.period,
+            decision.feature,
+            decision.cost,
+            decision.expires_at,
+        )
+        self.reservations[rid] = res
+        self.by_period[(res.coach_id, res.period)].append(rid)
+        if decision.idem is not None:
+            self.idempotency[decision.idem] = (decision.feature, rid)
+        return res
+
+    # --- settling ---------------------------------------------------------------------
+
+    def _leave_held(self, res: RefReservation, state: Status) -> None:
+        res.state = state
+        res.settlements += 1
+        assert res.settlements == 1, f"{res.rid} settled twice"
+
+    def expire_lapsed(self, now: datetime) -> None:
+        """Mark lapsed holds expired; reads already treat them so, this only makes the
+        stored state (and the settlement count) say it too."""
+        for res in self.reservations.values():
+            if res.state is Status.HELD and res.expires_at <= now:
+                self._leave_held(res, Status.EXPIRED)
+
+    def commit(self, rid: str, now: datetime) -> tuple[Settle, RefReservation | None]:
+        res = self.reservations.get(rid)
+        if res is None:
+            return Settle.NOT_FOUND, None
+        self.expire_lapsed(now)
+        match res.state:
+            case Status.HELD:
+                self._leave_held(res, Status.COMMITTED)
+                return Settle.OK, res
+            case Status.COMMITTED:
+                return Settle.OK, res
+            case Status.REFUNDED:
+                return Settle.REFUNDED, res
+            case _:
+                return Settle.EXPIRED, res
+
+    def refund(self, rid: str, now: datetime) -> tuple[Settle, RefReservation | None]:
+        res = self.reservations.get(rid)
+        if res is None:
+            return Settle.NOT_FOUND, None
+        self.expire_lapsed(now)
+        match res.state:
+            case Status.HELD:
+                self._leave_held(res, Status.REFUNDED)
+                return Settle.OK, res
+            case Status.COMMITTED:
+                return Settle.COMMITTED, res
+            case _:
+                # Refunded before, or lapsed: either way its credits are back.
+                return Settle.OK, res
+
+    # --- self-checks --------------------------------------------------------------------
+
+    def check(self, now: datetime) -> None:
+        """The model's own invariants, so a bug in the model cannot hide one in the store."""
+        for (coach_id, period), rids in self.by_period.items():
+            c = self.counters(coach_id, period, now)
+            assert c.used + c.held <= self.allowance, (coach_id, period, c)
+            for rid in rids:
+                res = self.reservations[rid]
+                assert res.settlements <= 1
+                assert res.period == period
+                assert res.coach_id == coach_id
