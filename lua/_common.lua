@@ -49,7 +49,11 @@ local function release_lapsed(account, holds, events, events_max, now, limit)
   local lapsed = redis.call('ZRANGEBYSCORE', holds, '-inf', now, 'LIMIT', 0, limit)
   for _, member in ipairs(lapsed) do
     local token = string.match(member, '^(.*):%d+$')
-    local state, cost, expires, feature = parse_record(redis.call('HGET', account, 'r:' .. token))
+    local rec = redis.call('HGET', account, 'r:' .. token)
+    local state, cost, expires, feature
+    if rec then
+      state, cost, expires, feature = parse_record(rec)
+    end
     if state == 'h' then
       expire_hold(account, holds, events, events_max, token, cost, expires, feature)
     else
