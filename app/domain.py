@@ -76,7 +76,8 @@ class Period:
 
     @classmethod
     def parse(cls, text: str) -> Period:
-        match = re.fullmatch(r"(\d{4})-(\d{2})", text)
+        # ASCII digits only: int() also reads other scripts, and one period needs one id.
+        match = re.fullmatch(r"([0-9]{4})-([0-9]{2})", text)
         if match is None:
             raise ValueError(f"not a period: {text!r}")
         year, month = int(match[1]), int(match[2])

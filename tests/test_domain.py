@@ -101,6 +101,8 @@ def test_period_str_and_parse_round_trip(period: Period, text: str) -> None:
         "2026-11\n",
         "abcd-ef",
         "1969-12",
+        "２０２６-１１",
+        "2026-١١",
     ],
 )
 def test_period_parse_rejects_junk(junk: str) -> None:
@@ -565,7 +567,10 @@ def test_ids_naming_an_invalid_coach_do_not_parse(coach: bytes) -> None:
     assert ReservationId.parse(f"{_b64(coach)}.202611.{token}") is None
 
 
-@pytest.mark.parametrize("period", ["202613", "202600", "196912", "20261", "2026111", "2026-1"])
+@pytest.mark.parametrize(
+    "period",
+    ["202613", "202600", "196912", "20261", "2026111", "2026-1", "２０２６１１", "2026١١"],
+)
 def test_ids_with_a_bad_period_do_not_parse(period: str) -> None:
     token = ReservationId.new("coach-1", NOV).token
     assert ReservationId.parse(f"{_b64(b'coach-1')}.{period}.{token}") is None
