@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     release_batch: Annotated[int, Field(ge=1, le=10_000)] = 100
     #: Events kept per coach and period (the newest ones).
     events_max: Annotated[int, Field(ge=0, le=1_000_000)] = 10_000
+    #: Live usage streams: how often each polls Redis, how long a quiet stream waits before
+    #: a keep-alive comment, and how long a stream lives before the client reconnects.
+    stream_poll_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
+    stream_heartbeat_seconds: Annotated[float, Field(gt=0, le=300)] = 15.0
+    stream_max_seconds: Annotated[float, Field(gt=0, le=86_400)] = 600.0
 
     @field_validator("feature_costs")
     @classmethod

@@ -14,6 +14,7 @@ from redis.backoff import NoBackoff
 
 from app.api import problems
 from app.api.deps import KeyRing
+from app.api.events import router as events_router
 from app.api.limits import BodySizeLimit
 from app.api.routes import router
 from app.config import Settings
@@ -108,6 +109,7 @@ def create_app(
     app.state.metrics = Metrics()
     problems.install(app)
     app.include_router(router)
+    app.include_router(events_router)
     app.add_middleware(BodySizeLimit)
     return app
 

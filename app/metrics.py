@@ -39,6 +39,12 @@ class Metrics:
             "Requests answered 503 because Redis could not be reached in time.",
             registry=r,
         )
+        self.state_lost = Counter(
+            "credits_redis_state_lost_total",
+            "Times Redis came back without its data (restart without persistence, "
+            "FLUSHALL, failover to an empty node): credits used and held were forgotten.",
+            registry=r,
+        )
         self.scripts_reloaded = Counter(
             "credits_scripts_reloaded_total",
             "Lua scripts loaded again because Redis had lost them.",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,10 @@ T = TypeVar("T")
 LUA_DIR: Final = Path(__file__).resolve().parent.parent / "lua"
 SCRIPT_NAMES: Final = ("reserve", "commit", "refund", "get_reservation", "get_usage")
 KEY_PREFIX: Final = "credits"
+#: Written once per data set with a random epoch and never expires: if it vanishes or
+#: changes, Redis came back without the data it held. Not a coach key, so on a Redis
+#: Cluster it lives on one primary only and watches only that node's data.
+INSTANCE_KEY: Final = f"{KEY_PREFIX}:instance"
 
 #: Redis failures that mean "not reachable right now", as opposed to a bug.
 UNAVAILABLE_ERRORS: Final = (
@@ -175,6 +180,10 @@ class CreditStore:
         self.scripts: dict[str, AsyncScript] = {
             name: redis.register_script(load_script_source(name)) for name in SCRIPT_NAMES
         }
+        # Serialises reloads, so a burst of NOSCRIPT replies loads (and counts) each once.
+        self._reload_lock = asyncio.Lock()
+        #: The data-set epoch last seen in INSTANCE_KEY; None until the first check.
+        self.instance_epoch: str | None = None
 
     # --- plumbing --------------------------------------------------------------------
 
@@ -189,7 +198,16 @@ class CreditStore:
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Reply:
         started = time.perf_counter()
-        raw = await self._guard(self.scripts[name](keys=list(keys), args=list(args)))
+        script = self.scripts[name]
+        try:
+            raw = await self._guard(self.redis.evalsha(script.sha, len(keys), *keys, *args))
+        except redis_errors.NoScriptError:
+            # Redis forgot the scripts: restarted, flushed or failed over. That is also
+            # the cheap moment to ask whether it forgot the data. NOSCRIPT means the
+            # script never ran, so running it again cannot apply it twice; EVAL with the
+            # source cannot meet NOSCRIPT again, even if another flush comes between.
+            await self.ensure_scripts()
+            raw = await self._guard(self.redis.eval(_source(script), len(keys), *keys, *args))
         self.metrics.redis_latency.labels(name).observe(time.perf_counter() - started)
         reply = decode_reply(raw)
         if reply.swept:
@@ -200,15 +218,52 @@ class CreditStore:
         """Load any script Redis has forgotten (a restart, a flush, a new primary)."""
 
         async def load() -> None:
-            shas = [s.sha for s in self.scripts.values()]
-            exists = await self.redis.script_exists(*shas)
-            present = _all_nodes_agree(exists, len(shas))
-            for script, ok in zip(self.scripts.values(), present, strict=True):
-                if not ok:
-                    script.sha = await self.redis.script_load(script.script)
-                    self.metrics.scripts_reloaded.inc()
+            async with self._reload_lock:
+                shas = [s.sha for s in self.scripts.values()]
+                exists = await self.redis.script_exists(*shas)
+                present = _all_nodes_agree(exists, len(shas))
+                for script, ok in zip(self.scripts.values(), present, strict=True):
+                    if not ok:
+                        script.sha = await self.redis.script_load(script.script)
+                        self.metrics.scripts_reloaded.inc()
 
         await self._guard(load())
+        await self.check_instance()
+
+    async def check_instance(self) -> bool:
+        """Compare the data-set epoch in Redis with the one seen last; False (with a
+        metric and a warning) when Redis came back without its data.
+
+        Runs at start-up, on /readyz and after NOSCRIPT, never per request. The first
+        check of a process only learns the epoch: an empty Redis then is a new one.
+        """
+
+        async def read_or_create() -> str | None:
+            seen = await self.redis.get(INSTANCE_KEY)
+            if seen is None:
+                # NX: when processes race, the first epoch written wins for all of them.
+                await self.redis.set(INSTANCE_KEY, secrets.token_hex(16), nx=True)
+                seen = await self.redis.get(INSTANCE_KEY)
+            return seen.decode() if isinstance(seen, bytes) else seen
+
+        try:
+            seen = await self._guard(read_or_create())
+        except redis_errors.ResponseError as exc:
+            # E.g. OOM refusing the SET: the watch is best effort, serving is not.
+            log.warning("could not check the redis data-set epoch: %s", exc)
+            return True
+        lost = self.instance_epoch is not None and seen != self.instance_epoch
+        if lost:
+            self.metrics.state_lost.inc()
+            log.warning(
+                "REDIS STATE LOST: the data-set epoch changed from %s to %s (restart "
+                "without persistence, FLUSHALL or failover to an empty node); credits "
+                "used and held before now are forgotten and coaches start fresh",
+                self.instance_epoch,
+                seen,
+            )
+        self.instance_epoch = seen
+        return not lost
 
     async def ping(self) -> None:
         await self._guard(self.redis.ping())
@@ -424,6 +479,12 @@ class CreditStore:
             self._usage(c, period, r.used, r.held)
             for c, r in zip(coach_ids, map(decode_reply, replies), strict=True)
         ]
+
+
+def _source(script: AsyncScript) -> str:
+    source = script.script
+    assert isinstance(source, str)  # registered from load_script_source
+    return source
 
 
 def _all_nodes_agree(exists: Any, count: int) -> list[bool]:
