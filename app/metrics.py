@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.samples import Sample
 
 
 class Metrics:
@@ -50,3 +51,36 @@ class Metrics:
             "Lua scripts loaded again because Redis had lost them.",
             registry=r,
         )
+        self.streams_open = Gauge(
+            "credits_usage_streams_open",
+            "Live usage streams (Server-Sent Events) open in this process.",
+            registry=r,
+        )
+        #: Feature costs, set by the store, to turn hold counts into credits.
+        self.feature_costs: dict[str, int] = {}
+        self.held_in_flight = Gauge(
+            "credits_held_in_flight",
+            "Credits in holds not yet settled, as this process saw them: put on hold here "
+            "minus committed, refunded or expired here. Summed over every process of the "
+            "service it is the fleet-wide figure (a restarted process forgets its share).",
+            registry=r,
+        )
+        self.held_in_flight.set_function(self._held_in_flight)
+
+    def _held_in_flight(self) -> float:
+        # Computed at scrape time from the counters: nothing extra on the hot path. Read
+        # from the counters themselves: asking the registry would collect this gauge again.
+        held = 0.0
+        for sample in _totals(self.reservations):
+            if sample.labels.get("outcome") == "held":
+                held += self.feature_costs.get(sample.labels["feature"], 0) * sample.value
+        settled = sum(
+            s.value
+            for s in _totals(self.credits)
+            if s.labels.get("kind") in ("committed", "refunded", "expired")
+        )
+        return held - settled
+
+
+def _totals(counter: Counter) -> list[Sample]:
+    return [s for family in counter.collect() for s in family.samples if s.name.endswith("_total")]
