@@ -12,7 +12,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from app.api import problems
+from app.api import panel, problems
 from app.api.deps import KeyRing
 from app.api.events import router as events_router
 from app.api.limits import BodySizeLimit
@@ -110,6 +110,7 @@ def create_app(
     problems.install(app)
     app.include_router(router)
     app.include_router(events_router)
+    panel.install(app)
     app.add_middleware(BodySizeLimit)
     return app
 
