@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, NamedTuple, TypeVar
+from typing import Any, Final, Literal, NamedTuple, TypeVar
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -34,9 +34,11 @@ from app.domain import (
 )
 from app.errors import (
     BackendUnavailable,
+    CreditsError,
     CreditsExhausted,
     IdempotencyKeyReused,
     InvalidCoachId,
+    InvalidRequest,
     ReservationCommitted,
     ReservationExpired,
     ReservationNotFound,
@@ -157,6 +159,33 @@ def decode_reply(raw: Sequence[Any]) -> Reply:
         text(raw[8]),
         int(raw[9]),
     )
+
+
+class _ReserveCall(NamedTuple):
+    """One prepared reserve: what to send, and what reading its reply needs."""
+
+    rid: ReservationId
+    feature: str
+    cost: int
+    now: datetime
+    keys: list[str]
+    args: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveItem:
+    """One reservation of a batch."""
+
+    coach_id: str
+    feature: str
+    ttl_seconds: int | None = None
+    idempotency_key: str | None = None
+
+
+SettleAction = Literal["commit", "refund"]
+
+#: One script call of a pipeline: script name, keys, args.
+ScriptCall = tuple[str, list[str], list[Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +378,18 @@ class CreditStore:
     ) -> tuple[Reservation, bool]:
         """Hold the feature's cost. Returns the reservation and whether it is new
         (False: an idempotent replay of an earlier request)."""
+        call = self._reserve_call(coach_id, feature, ttl_seconds, idempotency_key, principal)
+        reply = await self._run("reserve", call.keys, call.args)
+        return await self._reserve_outcome(call, reply)
+
+    def _reserve_call(
+        self,
+        coach_id: str,
+        feature: str,
+        ttl_seconds: int | None,
+        idempotency_key: str | None,
+        principal: str,
+    ) -> _ReserveCall:
         self.check_coach_id(coach_id)
         cost = self.cost_of(feature)
         ttl = self.default_ttl_seconds if ttl_seconds is None else ttl_seconds
@@ -360,23 +401,24 @@ class CreditStore:
         if idempotency_key is not None:
             key_list.append(idempotency_key_name(coach_id, principal, idempotency_key))
         now_ms = domain.to_ms(now)
-        reply = await self._run(
-            "reserve",
-            key_list,
-            [
-                now_ms,
-                rid.token,
-                feature,
-                cost,
-                now_ms + ttl * 1000,
-                self.allowance,
-                domain.to_ms(period.keys_expire_at),
-                IDEMPOTENCY_TTL_SECONDS * 1000,
-                str(period),
-                self.release_batch,
-                self.events_max,
-            ],
-        )
+        args: list[Any] = [
+            now_ms,
+            rid.token,
+            feature,
+            cost,
+            now_ms + ttl * 1000,
+            self.allowance,
+            domain.to_ms(period.keys_expire_at),
+            IDEMPOTENCY_TTL_SECONDS * 1000,
+            str(period),
+            self.release_batch,
+            self.events_max,
+        ]
+        return _ReserveCall(rid, feature, cost, now, key_list, args)
+
+    async def _reserve_outcome(self, call: _ReserveCall, reply: Reply) -> tuple[Reservation, bool]:
+        rid, feature, cost = call.rid, call.feature, call.cost
+        coach_id, period = rid.coach_id, rid.period
         if reply.status == "OK":
             self.metrics.reservations.labels(feature, "held").inc()
             return self._reservation(rid, reply), True
@@ -393,7 +435,7 @@ class CreditStore:
         if reply.status == "EXHAUSTED":
             self.metrics.reservations.labels(feature, "exhausted").inc()
             self.metrics.exhausted.labels(feature).inc()
-            raise self._exhausted(feature, cost, period, now, reply)
+            raise self._exhausted(feature, cost, period, call.now, reply)
         raise RuntimeError(f"unexpected reserve reply {reply.status!r}")
 
     def _exhausted(
@@ -442,13 +484,20 @@ class CreditStore:
         return self._reservation(rid, reply)
 
     async def _settle(self, script: str, reservation_id: str) -> Reservation:
+        rid, keys, args = self._settle_call(reservation_id)
+        return self._settle_outcome(script, rid, await self._run(script, keys, args))
+
+    def _settle_call(self, reservation_id: str) -> tuple[ReservationId, list[str], list[Any]]:
         rid = self._parse_id(reservation_id)
         keys = period_keys(rid.coach_id, rid.period)
-        reply = await self._run(
-            script,
+        return (
+            rid,
             [keys.account, keys.holds, keys.events],
             [domain.to_ms(self.clock()), rid.token, self.release_batch, self.events_max],
         )
+
+    def _settle_outcome(self, script: str, rid: ReservationId, reply: Reply) -> Reservation:
+        reservation_id = str(rid)
         match reply.status:
             case "OK":
                 reservation = self._reservation(rid, reply)
@@ -488,7 +537,7 @@ class CreditStore:
         script = self.scripts["get_usage"]
         pairs = [period_keys(c, period) for c in coach_ids]
 
-        async def run() -> list[Any]:
+        async def run(send_source: bool = False) -> list[Any]:
             if isinstance(self.redis, RedisCluster):
                 # Cluster pipelines cannot load scripts; bounded fan-out instead.
                 sem = asyncio.Semaphore(64)
@@ -500,10 +549,19 @@ class CreditStore:
                 return list(await asyncio.gather(*(one(k) for k in pairs)))
             async with self.redis.pipeline(transaction=False) as pipe:
                 for k in pairs:
-                    await script(keys=[k.account, k.holds], args=[now_ms], client=pipe)
+                    if send_source:
+                        pipe.eval(_source(script), 2, k.account, k.holds, now_ms)
+                    else:
+                        await script(keys=[k.account, k.holds], args=[now_ms], client=pipe)
                 return list(await pipe.execute())
 
-        replies = await self._guard(run())
+        try:
+            replies = await self._guard(run())
+        except redis_errors.NoScriptError:
+            # A script flush landed between the pipeline loading the script and running
+            # it. Reading writes nothing, so the batch simply runs again, with the source.
+            await self.ensure_scripts()
+            replies = await self._guard(run(send_source=True))
         return [
             self._usage(c, period, r.used, r.held)
             for c, r in zip(coach_ids, map(decode_reply, replies), strict=True)
@@ -554,6 +612,132 @@ class CreditStore:
         raw = await self._guard(self.scripts[name](keys=list(keys), args=list(args)))
         self.metrics.redis_latency.labels(name).observe(time.perf_counter() - started)
         return raw
+
+    # --- batches -----------------------------------------------------------------------
+
+    async def reserve_many(
+        self, items: Sequence[ReserveItem], *, principal: str = ""
+    ) -> list[tuple[Reservation, bool] | CreditsError]:
+        """Reserve for many items in one pipelined round trip, each still one atomic script
+        call, run in request order. Each item succeeds or fails on its own (its error is
+        returned in its place); only an unreachable Redis fails them all."""
+        prepared: list[_ReserveCall | CreditsError] = []
+        for item in items:
+            try:
+                _check_batch_item(item)
+                prepared.append(
+                    self._reserve_call(
+                        item.coach_id,
+                        item.feature,
+                        item.ttl_seconds,
+                        item.idempotency_key,
+                        principal,
+                    )
+                )
+            except CreditsError as exc:
+                prepared.append(exc)
+        calls = [p for p in prepared if isinstance(p, _ReserveCall)]
+        replies = iter(await self._run_many([("reserve", c.keys, c.args) for c in calls]))
+        outcomes: list[tuple[Reservation, bool] | CreditsError] = []
+        for p in prepared:
+            if isinstance(p, CreditsError):
+                outcomes.append(p)
+                continue
+            try:
+                outcomes.append(await self._reserve_outcome(p, next(replies)))
+            except CreditsError as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    async def settle_many(
+        self, items: Sequence[tuple[str, SettleAction]]
+    ) -> list[Reservation | CreditsError]:
+        """Commit or refund many reservations in one pipelined round trip, in request
+        order; each succeeds or fails on its own."""
+        prepared: list[tuple[SettleAction, ReservationId, list[str], list[Any]] | CreditsError]
+        prepared = []
+        for reservation_id, action in items:
+            try:
+                prepared.append((action, *self._settle_call(reservation_id)))
+            except CreditsError as exc:
+                prepared.append(exc)
+        calls = [p for p in prepared if not isinstance(p, CreditsError)]
+        replies = iter(await self._run_many([(a, keys, args) for a, _, keys, args in calls]))
+        outcomes: list[Reservation | CreditsError] = []
+        for p in prepared:
+            if isinstance(p, CreditsError):
+                outcomes.append(p)
+                continue
+            try:
+                outcomes.append(self._settle_outcome(p[0], p[1], next(replies)))
+            except CreditsError as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    async def _run_many(self, calls: Sequence[ScriptCall]) -> list[Reply]:
+        """Script calls in one round trip; calls on one coach run in the order given."""
+        if not calls:
+            return []
+        started = time.perf_counter()
+
+        async def pipelined() -> list[Any]:
+            assert isinstance(self.redis, Redis)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name, keys, args in calls:
+                    await self.scripts[name](keys=keys, args=args, client=pipe)
+                raw = list(await pipe.execute(raise_on_error=False))
+            for i, reply in enumerate(raw):
+                if isinstance(reply, redis_errors.NoScriptError):
+                    # A script flush landed between the pipeline loading the scripts and
+                    # this call: it never ran, so running it once more, with its source,
+                    # cannot apply it twice (only its order against later calls shifts).
+                    name, keys, args = calls[i]
+                    source = str(self.scripts[name].script)
+                    raw[i] = await self.redis.eval(source, len(keys), *keys, *args)
+                elif isinstance(reply, Exception):
+                    raise reply
+            return raw
+
+        async def per_coach() -> list[Any]:
+            # Cluster pipelines cannot load scripts: one sequential lane per coach (its
+            # hash tag) keeps each coach's order, lanes run side by side.
+            lanes: dict[str, list[int]] = {}
+            for i, (_, keys, _) in enumerate(calls):
+                lanes.setdefault(keys[0].split("}", 1)[0], []).append(i)
+            results: list[Any] = [None] * len(calls)
+            sem = asyncio.Semaphore(64)
+
+            async def lane(indexes: list[int]) -> None:
+                async with sem:
+                    for i in indexes:
+                        name, keys, args = calls[i]
+                        results[i] = await self.scripts[name](keys=keys, args=args)
+
+            await asyncio.gather(*(lane(ix) for ix in lanes.values()))
+            return results
+
+        raw = await self._guard(
+            per_coach() if isinstance(self.redis, RedisCluster) else pipelined()
+        )
+        self.metrics.redis_latency.labels("batch").observe(time.perf_counter() - started)
+        replies = [decode_reply(r) for r in raw]
+        swept = sum(r.swept for r in replies)
+        if swept:
+            self.metrics.credits.labels("expired").inc(swept)
+        return replies
+
+
+def _check_batch_item(item: ReserveItem) -> None:
+    """What the single-item route checks in its schema and headers, checked per item so
+    that one bad item fails alone."""
+    ttl = item.ttl_seconds
+    if ttl is not None and not domain.MIN_TTL_SECONDS <= ttl <= domain.MAX_TTL_SECONDS:
+        raise InvalidRequest(
+            f"ttl_seconds must be between {domain.MIN_TTL_SECONDS} and {domain.MAX_TTL_SECONDS}."
+        )
+    key = item.idempotency_key
+    if key is not None and not domain.is_valid_idempotency_key(key):
+        raise InvalidRequest("idempotency_key must be 1-255 printable ASCII characters.")
 
 
 def _text(v: Any) -> str:
