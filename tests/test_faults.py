@@ -124,6 +124,62 @@ async def test_commit_after_aof_restart_charges_exactly_once(
         await client.aclose()
 
 
+# --- scripts flushed under load -----------------------------------------------------
+
+
+async def test_script_flush_under_load_is_invisible_to_callers(
+    make_redis: Callable[..., RedisProcess], clock: FrozenClock
+) -> None:
+    server = make_redis()
+    client = connect(Settings(redis_url=server.url, redis_max_connections=16))
+    flusher = Redis.from_url(server.url, decode_responses=True)
+    store = new_store(client, clock)
+    coaches = [f"coach-{i}" for i in range(6)]
+    rounds = 12
+    committed: dict[str, int] = dict.fromkeys(coaches, 0)
+    stop = asyncio.Event()
+
+    async def flush_scripts() -> int:
+        flushes = 0
+        while not stop.is_set():
+            await flusher.script_flush()
+            flushes += 1
+            await asyncio.sleep(0.002)
+        return flushes
+
+    async def work(coach: str) -> None:
+        for i in range(rounds):
+            feature = "trend_analysis" if i % 3 == 0 else "checkin_draft"
+            reservation, _ = await store.reserve(coach, feature)
+            rid = str(reservation.reservation_id)
+            if i % 4 == 3:
+                await store.refund(rid)
+            else:
+                done = await store.commit(rid)
+                committed[coach] += done.cost
+            await store.get_reservation(rid)
+            await store.usage_many(coaches)
+
+    try:
+        await store.ensure_scripts()
+        flushing = asyncio.create_task(flush_scripts())
+        try:
+            async with asyncio.timeout(HANG_GUARD_SECONDS):
+                await asyncio.gather(*(work(c) for c in coaches))
+        finally:
+            stop.set()
+            flushes = await flushing
+        assert flushes > 0
+        for usage in await store.usage_many(coaches):
+            assert usage.used == committed[usage.coach_id]
+            assert usage.held == 0
+        assert metric(store.metrics, "credits_scripts_reloaded_total") >= 1
+        assert metric(store.metrics, "credits_redis_state_lost_total") == 0
+    finally:
+        await flusher.aclose()
+        await client.aclose()
+
+
 # --- Redis paused longer than the client timeout ------------------------------------
 
 
