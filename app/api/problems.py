@@ -56,6 +56,18 @@ def problem_response(
     extra: dict[str, object] | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response:
+    body = _body(status=status, code=code, title=title, detail=detail, extra=extra)
+    return Response(
+        json.dumps(body, ensure_ascii=False, separators=(",", ":")),
+        status_code=status,
+        media_type=PROBLEM_JSON,
+        headers=headers,
+    )
+
+
+def _body(
+    *, status: int, code: str, title: str, detail: str, extra: dict[str, object] | None
+) -> dict[str, object]:
     body: dict[str, object] = {
         "type": f"/problems/{code}",
         "title": title,
@@ -65,11 +77,17 @@ def problem_response(
     }
     if extra:
         body.update(extra)
-    return Response(
-        json.dumps(body, ensure_ascii=False, separators=(",", ":")),
-        status_code=status,
-        media_type=PROBLEM_JSON,
-        headers=headers,
+    return body
+
+
+def problem_body(exc: CreditsError) -> dict[str, object]:
+    """The problem object for one outcome, as a batch item carries it (no headers there,
+    so what a header would say is in the body: ``retry_after`` for exhausted credits)."""
+    extra = exc.extra()
+    if isinstance(exc, CreditsExhausted):
+        extra["retry_after"] = exc.retry_after
+    return _body(
+        status=status_for(exc), code=exc.code, title=exc.title, detail=exc.detail, extra=extra
     )
 
 

@@ -11,7 +11,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import domain
 from app.api.deps import AnyScope, MetricsDep, Reader, StoreDep, Worker
+from app.api.problems import problem_body
 from app.api.schemas import (
+    BatchReserveOut,
+    BatchReserveRequest,
     BatchUsageOut,
     BatchUsageRequest,
     FeaturesOut,
@@ -19,11 +22,14 @@ from app.api.schemas import (
     ReadyOut,
     ReservationOut,
     ReserveRequest,
+    SettleOut,
+    SettleRequest,
     UsageOut,
     reservation_json,
     usage_json,
 )
-from app.errors import InvalidRequest
+from app.errors import CreditsError, InvalidRequest
+from app.store import ReserveItem
 
 router = APIRouter()
 
@@ -111,6 +117,70 @@ async def commit(reservation_id: str, store: StoreDep, _: Worker) -> JSONRespons
 )
 async def refund(reservation_id: str, store: StoreDep, _: Worker) -> JSONResponse:
     return JSONResponse(reservation_json(await store.refund(reservation_id)))
+
+
+@router.post(
+    "/v1/reservations/batch",
+    response_model=BatchReserveOut,
+    responses=_problems(422, *_AUTH),
+    tags=["reservations"],
+    summary="Reserve for many items in one round trip",
+    description=(
+        "Each item is reserved on its own, in request order, exactly as the single-item "
+        "route would (idempotency_key plays the Idempotency-Key header). An item that is "
+        "invalid or does not fit fails alone: its result carries the status and problem "
+        "the single-item route would answer. The request itself is 422 only when its "
+        "shape is wrong (not a list of 1-500 objects with the right fields and types)."
+    ),
+)
+async def reserve_batch(
+    body: BatchReserveRequest, store: StoreDep, principal: Worker
+) -> JSONResponse:
+    items = [
+        ReserveItem(i.coach_id, i.feature, i.ttl_seconds, i.idempotency_key)
+        for i in body.reservations
+    ]
+    results: list[dict[str, object]] = []
+    for outcome in await store.reserve_many(items, principal=principal.key_id):
+        if isinstance(outcome, CreditsError):
+            results.append(_item_problem(outcome))
+        else:
+            reservation, created = outcome
+            results.append(
+                {"status": 201 if created else 200, "reservation": reservation_json(reservation)}
+            )
+    return JSONResponse({"results": results})
+
+
+@router.post(
+    "/v1/reservations/settle",
+    response_model=SettleOut,
+    responses=_problems(422, *_AUTH),
+    tags=["reservations"],
+    summary="Commit or refund many reservations in one round trip",
+    description=(
+        "Each settlement runs on its own, in request order, exactly as the single-item "
+        "commit or refund route would; its result carries that route's status and "
+        "reservation or problem. The request is 422 only when its shape is wrong."
+    ),
+)
+async def settle_batch(body: SettleRequest, store: StoreDep, _: Worker) -> JSONResponse:
+    outcomes = await store.settle_many([(i.reservation_id, i.action) for i in body.settlements])
+    return JSONResponse(
+        {
+            "results": [
+                _item_problem(o)
+                if isinstance(o, CreditsError)
+                else {"status": 200, "reservation": reservation_json(o)}
+                for o in outcomes
+            ]
+        }
+    )
+
+
+def _item_problem(exc: CreditsError) -> dict[str, object]:
+    body = problem_body(exc)
+    return {"status": body["status"], "problem": body}
 
 
 @router.get(

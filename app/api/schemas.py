@@ -95,6 +95,71 @@ class ReadyOut(BaseModel):
     warnings: list[str]
 
 
+#: Items per batch request: large enough to amortise a round trip, small enough that
+#: one request never holds Redis for long.
+MAX_BATCH_ITEMS = 500
+
+
+class BatchReserveItem(_Strict):
+    """Value checks (coach id, feature, ttl, key format) are per item: a bad value fails
+    its item alone. Only a wrong shape or type fails the whole request."""
+
+    coach_id: Annotated[str, Field(examples=["coach-42"])]
+    feature: Annotated[str, Field(examples=["trend_analysis"])]
+    ttl_seconds: int | None = Field(
+        default=None, description="1-3600; how long the hold lives if nobody settles it."
+    )
+    idempotency_key: str | None = Field(
+        default=None,
+        description="1-255 printable ASCII; same scope and rules as the Idempotency-Key header.",
+    )
+
+
+class BatchReserveRequest(_Strict):
+    reservations: Annotated[list[BatchReserveItem], Field(min_length=1, max_length=MAX_BATCH_ITEMS)]
+
+
+class SettleItem(_Strict):
+    reservation_id: str
+    action: Literal["commit", "refund"]
+
+
+class SettleRequest(_Strict):
+    settlements: Annotated[list[SettleItem], Field(min_length=1, max_length=MAX_BATCH_ITEMS)]
+
+
+class ItemProblemOut(ProblemOut):
+    model_config = ConfigDict(extra="allow")
+
+
+class BatchReserveResultOut(BaseModel):
+    status: Annotated[
+        Literal[200, 201, 422, 429],
+        Field(description="What the single-item route would have answered for this item."),
+    ]
+    reservation: ReservationOut | None = Field(
+        default=None, description="With 201 (held now) or 200 (idempotent replay)."
+    )
+    problem: ItemProblemOut | None = Field(
+        default=None,
+        description="With 422 or 429; a 429 also carries retry_after (seconds).",
+    )
+
+
+class BatchReserveOut(BaseModel):
+    results: list[BatchReserveResultOut] = Field(description="One per item, in request order.")
+
+
+class SettleResultOut(BaseModel):
+    status: Literal[200, 404, 409]
+    reservation: ReservationOut | None = Field(default=None, description="With 200.")
+    problem: ItemProblemOut | None = Field(default=None, description="With 404 or 409.")
+
+
+class SettleOut(BaseModel):
+    results: list[SettleResultOut] = Field(description="One per item, in request order.")
+
+
 def usage_json(u: Usage) -> dict[str, object]:
     return {
         "coach_id": u.coach_id,
