@@ -316,6 +316,26 @@ def test_failed_action_charges_nothing(page: Page, service: Service) -> None:
 
 
 @pytest.mark.real_redis
+def test_running_action_shows_its_hold(page: Page, service: Service) -> None:
+    coach = "panel-in-progress"
+    service.spend(coach, 13)
+    page.goto(f"{service.base_url}/settings/{coach}?delay_ms=10000#key={WORKER_KEY}")
+    expect(page.locator("#panel")).to_have_attribute("data-ready", "true")
+
+    page.get_by_role("button", name=TRENDS_BUTTON).click()
+
+    expect(page.locator("#remaining")).to_have_text(
+        "34 credits left · 3 in use by actions in progress"
+    )
+    expect(page.locator("#actions")).to_have_attribute("aria-busy", "true")
+    for label in (CHECKIN_BUTTON, TRENDS_BUTTON):
+        expect(page.get_by_role("button", name=label)).to_be_disabled()
+    expect(page.locator("#activity")).to_have_text("Working on it: client trend analysis…")
+    server = service.usage(coach)
+    assert (server["used"], server["held"]) == (13, 3)
+
+
+@pytest.mark.real_redis
 def test_exhausted_shows_calm_inline_message(page: Page, service: Service) -> None:
     coach = "panel-exhausted"
     service.spend(coach, 49)

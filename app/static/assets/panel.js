@@ -222,6 +222,8 @@ async function runAction(feature) {
       showNotice(held.data.detail || "This action could not start. Please try again.");
       return;
     }
+    // The hold already counts against what is left; show it while the action runs.
+    if (held.data.usage) renderUsage(held.data.usage);
     await sleep(delayMs);
     const id = encodeURIComponent(held.data.reservation_id);
     if (simulateFailure) {
