@@ -11,10 +11,12 @@ import fakeredis
 import httpx
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from app.config import Settings
 from app.main import create_app
 from app.store import AnyRedis, CreditStore
+from tests.cluster import LocalCluster
 from tests.redis_procs import RedisProcess
 
 
@@ -49,19 +51,31 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A local three-primary cluster, started only when a test asks for it."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
 def redis_workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.fixture(params=["fakeredis", "redis"])
+@pytest.fixture(params=["fakeredis", "redis", "cluster"])
 async def backend(
     request: pytest.FixtureRequest,
 ) -> AsyncIterator[AnyRedis]:
-    """The same client interface over fakeredis (with Lua) and a real Redis."""
+    """The same client interface over fakeredis (with Lua), a real Redis and a real
+    Redis Cluster (FLUSHALL on a cluster client goes to every primary)."""
     client: AnyRedis
     if request.param == "fakeredis":
         client = fakeredis.FakeAsyncRedis(decode_responses=True)
+    elif request.param == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        client = RedisCluster.from_url(cluster.live_seed_url(), decode_responses=True)
     else:
         server: RedisProcess = request.getfixturevalue("redis_server")
         client = Redis.from_url(server.url, decode_responses=True)
