@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Header, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.convertors import Convertor, register_url_convertor
 
 from app import domain
 from app.api.deps import AnyScope, MetricsDep, Reader, StoreDep, Worker
@@ -32,6 +33,23 @@ from app.errors import CreditsError, InvalidRequest
 from app.store import ReserveItem
 
 router = APIRouter()
+
+
+class _AnyCoachId(Convertor[str]):
+    """Matches any non-empty text, slashes and line breaks included, so that every
+    malformed coach id (``a%2Fb``, ``a%0Ab``) reaches the coach id check and is answered
+    422 invalid_coach_id instead of missing the route with a 404."""
+
+    regex = r"[\s\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("coach_id", _AnyCoachId())
 
 
 def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -59,7 +77,7 @@ async def list_features(store: StoreDep, _: AnyScope) -> JSONResponse:
 
 
 @router.post(
-    "/v1/coaches/{coach_id}/reservations",
+    "/v1/coaches/{coach_id:coach_id}/reservations",
     status_code=201,
     response_model=ReservationOut,
     responses={
@@ -184,7 +202,7 @@ def _item_problem(exc: CreditsError) -> dict[str, object]:
 
 
 @router.get(
-    "/v1/coaches/{coach_id}/usage",
+    "/v1/coaches/{coach_id:coach_id}/usage",
     response_model=UsageOut,
     responses=_problems(422, *_AUTH),
     tags=["usage"],
