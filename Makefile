@@ -27,6 +27,7 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	scripts/ensure-redis
+	scripts/ensure-chromium
 	$(BIN)/pytest
 
 clean:
