@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Scope, Settings
 from app.domain import Period
@@ -238,3 +239,59 @@ async def test_events_need_the_reader_scope(backend: AnyRedis, clock: FrozenCloc
             ]:
                 r = await client.get(url, headers={"Authorization": f"Bearer {key}"})
                 assert r.status_code == status, (key, r.text)
+
+
+# --- /metrics after traffic ------------------------------------------------------------------
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """One sample's value from a /metrics body; 0 when the series does not exist yet."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return 0.0
+
+
+async def test_metrics_move_with_traffic(api: httpx.AsyncClient, clock: FrozenClock) -> None:
+    before = (await api.get("/metrics")).text
+    assert "credits_usage_streams_open 0.0" in before
+    assert sample(before, "credits_held_in_flight") == 0
+
+    async def reserve(feature: str, **body: int) -> httpx.Response:
+        return await api.post(
+            f"/v1/coaches/{COACH}/reservations", json={"feature": feature, **body}
+        )
+
+    a = (await reserve("trend_analysis")).json()["reservation_id"]
+    await api.post(f"/v1/reservations/{a}/commit")
+    b = (await reserve("checkin_draft")).json()["reservation_id"]
+    await api.post(f"/v1/reservations/{b}/refund")
+    await reserve("checkin_draft", ttl_seconds=5)
+    clock.advance(10)
+    live = 0
+    while (r := await reserve("trend_analysis")).status_code == 201:
+        live += 3
+    assert r.status_code == 429
+
+    text = (await api.get("/metrics")).text
+    usage = (await api.get(f"/v1/coaches/{COACH}/usage")).json()
+    assert usage["held"] == live == 45
+    assert sample(text, "credits_held_in_flight") == live
+
+    def res(feature: str, outcome: str) -> float:
+        return sample(text, "credits_reservations_total", feature=feature, outcome=outcome)
+
+    assert res("trend_analysis", "held") == 1 + live // 3
+    assert res("trend_analysis", "committed") == 1
+    assert res("checkin_draft", "held") == 2
+    assert res("checkin_draft", "refunded") == 1
+    assert res("trend_analysis", "exhausted") == 1
+    assert sample(text, "credits_credits_total", kind="committed") == 3
+    assert sample(text, "credits_credits_total", kind="refunded") == 1
+    assert sample(text, "credits_credits_total", kind="expired") == 1
+    assert sample(text, "credits_exhausted_refusals_total", feature="trend_analysis") == 1
+    # One latency observation per reserve call: a, b, the lapsed one, the loop's.
+    reserves = sample(text, "credits_redis_call_seconds_count", operation="reserve")
+    assert reserves == 3 + live // 3 + 1
+    assert sample(text, "credits_redis_call_seconds_count", operation="commit") == 1
