@@ -464,7 +464,8 @@ class CreditsClient:
             # Cancelled again while refunding: let the refund finish on its own.
             task.add_done_callback(_log_refund_failure)
             raise
-        except CreditsClientError as exc:
+        except Exception as exc:
+            # Never let a failed refund hide why the block failed; the hold lapses anyway.
             log.warning("refund of %s failed (%s); it will lapse", reservation_id, exc)
 
 
@@ -594,7 +595,7 @@ class SyncCreditsClient:
         except BaseException:
             try:
                 self.refund(reservation.reservation_id)
-            except CreditsClientError as exc:
+            except Exception as exc:
                 log.warning(
                     "refund of %s failed (%s); it will lapse", reservation.reservation_id, exc
                 )
