@@ -92,7 +92,13 @@ async def reserve(
     store: StoreDep,
     principal: Worker,
     idempotency_key: Annotated[
-        str | None, Header(alias="Idempotency-Key", description="1-255 printable ASCII")
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="1-255 printable ASCII",
+            # Documented only: the route checks it itself, to answer with its own detail.
+            json_schema_extra={"pattern": "^[\\x20-\\x7e]{1,255}$"},
+        ),
     ] = None,
 ) -> JSONResponse:
     if idempotency_key is not None and not domain.is_valid_idempotency_key(idempotency_key):
@@ -110,7 +116,7 @@ async def reserve(
 @router.get(
     "/v1/reservations/{reservation_id}",
     response_model=ReservationOut,
-    responses=_problems(404, *_AUTH),
+    responses=_problems(404, 422, *_AUTH),
     tags=["reservations"],
 )
 async def get_reservation(reservation_id: str, store: StoreDep, _: Worker) -> JSONResponse:
@@ -120,7 +126,7 @@ async def get_reservation(reservation_id: str, store: StoreDep, _: Worker) -> JS
 @router.post(
     "/v1/reservations/{reservation_id}/commit",
     response_model=ReservationOut,
-    responses=_problems(404, 409, *_AUTH),
+    responses=_problems(404, 409, 422, *_AUTH),
     tags=["reservations"],
 )
 async def commit(reservation_id: str, store: StoreDep, _: Worker) -> JSONResponse:
@@ -130,7 +136,7 @@ async def commit(reservation_id: str, store: StoreDep, _: Worker) -> JSONRespons
 @router.post(
     "/v1/reservations/{reservation_id}/refund",
     response_model=ReservationOut,
-    responses=_problems(404, 409, *_AUTH),
+    responses=_problems(404, 409, 422, *_AUTH),
     tags=["reservations"],
 )
 async def refund(reservation_id: str, store: StoreDep, _: Worker) -> JSONResponse:
