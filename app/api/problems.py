@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from app.errors import (
     BackendUnavailable,
@@ -116,6 +117,16 @@ _HTTP_CODES: Final = {
 }
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    # Asked of the router itself, so included routers and mounts answer for themselves.
+    routes = request.app.router.routes
+    return [
+        method
+        for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+        if any(r.matches({**request.scope, "method": method})[0] is Match.FULL for r in routes)
+    ]
+
+
 def install(app: FastAPI) -> None:
     async def on_credits_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, CreditsError)
@@ -136,15 +147,24 @@ def install(app: FastAPI) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400:
+            # A body that cannot even be parsed (bad bytes, bad encoding) is as invalid
+            # as one that fails its schema: the documented 422, not a bare 400.
+            return error_response(InvalidRequest("The request body could not be parsed."))
         code, title, detail = _HTTP_CODES.get(
             exc.status_code, ("http_error", "HTTP error", str(exc.detail))
         )
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette lists only the first route whose path matched, but a path such as
+            # /v1/reservations/batch also matches /v1/reservations/{reservation_id}.
+            headers["Allow"] = ", ".join(_allowed_methods(request))
         return problem_response(
             status=exc.status_code,
             code=code,
             title=title,
             detail=detail,
-            headers=dict(exc.headers or {}),
+            headers=headers,
         )
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
