@@ -11,6 +11,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.maint_notifications import MaintNotificationsConfig
 
 from app.api import panel, problems
 from app.api.deps import KeyRing
@@ -52,6 +53,10 @@ def connect(settings: Settings) -> AnyRedis:
         max_connections=settings.redis_max_connections,
         timeout=timeout,
         retry=Retry(NoBackoff(), 0),
+        # With maintenance notifications on (the default under RESP3), the pool skips its
+        # check for a closed socket before lending a connection, so the first call after a
+        # Redis restart went out on a dead connection and was answered 503.
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
     return Redis(connection_pool=pool)
 
