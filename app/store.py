@@ -253,6 +253,11 @@ class CreditStore:
         except UNAVAILABLE_ERRORS as exc:
             log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
             raise BackendUnavailable() from exc
+        except (AttributeError, TypeError) as exc:
+            if not _raised_by_redis_transport(exc):
+                raise
+            log.warning("redis connection torn down mid-call: %s: %s", type(exc).__name__, exc)
+            raise BackendUnavailable() from exc
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Reply:
         started = time.perf_counter()
@@ -748,6 +753,18 @@ def _source(script: AsyncScript) -> str:
     source = script.script
     assert isinstance(source, str)  # registered from load_script_source
     return source
+
+
+def _raised_by_redis_transport(exc: BaseException) -> bool:
+    """Whether an AttributeError/TypeError came out of redis-py's or asyncio's socket
+    code. The asyncio client can write on a connection that another task has just torn
+    down (a cluster client closes every connection on CLUSTERDOWN during a failover) and
+    then raises these instead of ConnectionError; our own bugs must still surface."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return isinstance(module, str) and module.startswith(("redis.", "asyncio."))
 
 
 def _all_nodes_agree(exists: Any, count: int) -> list[bool]:
