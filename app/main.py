@@ -37,13 +37,17 @@ def connect(settings: Settings) -> AnyRedis:
         client: Redis = fakeredis.FakeAsyncRedis(decode_responses=True)
         return client
     if settings.redis_cluster:
+        # No command retries here either. A failed call (a dead primary, CLUSTERDOWN
+        # during a failover) makes the client reload the slot map before its next call,
+        # so the first call after a failover is a fast 503 and the ones after it reach
+        # the promoted replica; MOVED and ASK redirects are followed without a retry.
         return RedisCluster.from_url(
             settings.redis_url,
             decode_responses=True,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             max_connections=settings.redis_max_connections,
-            retry=Retry(NoBackoff(), 1),
+            retry=Retry(NoBackoff(), 0),
         )
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
