@@ -30,5 +30,11 @@ test: $(STAMP) lint
 	scripts/ensure-chromium
 	$(BIN)/pytest
 
+# Every benchmark in one run (a few minutes; QUICK=1 for a tiny load). Installs wrk and
+# redis-tools from Debian when they are missing; results land in bench/results/.
+bench: $(STAMP)
+	scripts/ensure-redis
+	$(BIN)/python -m bench.run $(if $(QUICK),--quick,)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,764 @@
+"""One command for every benchmark: ``python -m bench.run`` (``--quick`` for a tiny load).
+
+Everything runs in one go on one machine against one private redis-server, so the
+figures are comparable with each other: the limit (Redis itself, redis-benchmark), the
+peer (the limits library), the floor (a minimal FastAPI app doing one EVALSHA), and
+this service (its store and its HTTP API), then scaling, memory, batches and a final
+correctness check. Results print as a table and land in bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import io
+import json
+import os
+import random
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+import uvloop
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from app import domain
+from app.config import Settings
+from app.domain import Period
+from app.main import connect
+from app.store import CreditStore, ReserveItem, load_script_source, period_keys
+from bench.floor_app import MINIMAL_SCRIPT
+from bench.procs import VENV_BIN, RedisServer, Uvicorn, ensure_tool, free_port
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+WRK_DIR: Final = Path(__file__).resolve().parent / "wrk"
+RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
+API_KEY: Final = "bench-worker-key-0123456789"
+CONCURRENCY: Final = 64
+ALLOWANCE: Final = 50
+
+# Databases of the one private Redis: the service's data (checked at the end), scratch
+# for raw Redis and peer runs, the floor's keys, and the scaling runs.
+DB_SERVICE, DB_SCRATCH, DB_FLOOR, DB_SCALE = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Load:
+    """How hard to push: the full run, or a tiny one that only proves everything runs."""
+
+    wrk_seconds: int
+    redis_requests: int
+    python_ops: int
+    coaches_populated: int
+    lapsed_holds: int
+    batch_items: int
+
+    @classmethod
+    def of(cls, quick: bool) -> Load:
+        if quick:
+            return cls(1, 3_000, 1_000, 5_000, 1_000, 20)
+        return cls(10, 200_000, 40_000, 1_000_000, 10_000, 100)
+
+
+@dataclass
+class Row:
+    section: str
+    name: str
+    value: float
+    unit: str
+    note: str = ""
+
+
+@dataclass
+class Target:
+    name: str
+    measured: float
+    threshold: float
+    higher_is_better: bool = True
+
+    @property
+    def passed(self) -> bool:
+        if self.higher_is_better:
+            return self.measured >= self.threshold
+        return self.measured <= self.threshold
+
+
+@dataclass
+class Report:
+    quick: bool
+    started: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    rows: list[Row] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+    correct: bool = False
+
+    def add(self, section: str, name: str, value: float, unit: str, note: str = "") -> float:
+        self.rows.append(Row(section, name, value, unit, note))
+        print(f"  {section:<8} {name:<58} {_fmt(value):>12} {unit:<10} {note}", flush=True)
+        return value
+
+    def target(self, name: str, measured: float, threshold: float, higher: bool = True) -> None:
+        t = Target(name, measured, threshold, higher)
+        self.targets.append(t)
+        sign = ">=" if higher else "<="
+        verdict = "PASS" if t.passed else "MISS"
+        print(
+            f"  target   {name:<58} {measured:>12.2f} {sign} {threshold:<6} {verdict}", flush=True
+        )
+
+    def markdown(self, command: str) -> str:
+        lines = [
+            f"Run {self.started} with `{command}`"
+            + (" (quick: a tiny load, figures mean nothing)" if self.quick else ""),
+            "",
+            "| section | measurement | value | unit | note |",
+            "|---|---|---:|---|---|",
+        ]
+        lines += [
+            f"| {r.section} | {r.name} | {_fmt(r.value)} | {r.unit} | {r.note} |" for r in self.rows
+        ]
+        lines += ["", "| target | measured | wanted | result |", "|---|---:|---|---|"]
+        for t in self.targets:
+            sign = ">=" if t.higher_is_better else "<="
+            verdict = "pass" if t.passed else "**miss**"
+            lines.append(f"| {t.name} | {t.measured:.2f} | {sign} {t.threshold} | {verdict} |")
+        lines += [
+            "",
+            f"Correctness (no coach above its allowance): {'pass' if self.correct else 'FAIL'}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float) -> str:
+    if value >= 100 or value == int(value):
+        return f"{value:,.0f}"
+    return f"{value:.2f}"
+
+
+# --- the limit: Redis itself ------------------------------------------------------------
+
+
+def redis_benchmark(port: int, db: int, requests: int, *command: str) -> tuple[float, float]:
+    """requests/s and p99 (ms) of one command with ``__rand_int__`` placeholders."""
+    out = subprocess.run(
+        [
+            ensure_tool("redis-benchmark", "redis-tools"),
+            "-p",
+            str(port),
+            "--dbnum",
+            str(db),
+            "-n",
+            str(requests),
+            "-c",
+            str(CONCURRENCY),
+            "-r",
+            "1000000",
+            "--csv",
+            *command,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rows = list(csv.DictReader(io.StringIO(out)))
+    return float(rows[-1]["rps"]), float(rows[-1]["p99_latency_ms"])
+
+
+def reserve_command(sha: str, *, coach: str, allowance: int, now: datetime) -> list[str]:
+    """The reserve script as the store calls it, with a random token per call."""
+    period = Period.containing(now)
+    keys = period_keys(coach, period)
+    now_ms = domain.to_ms(now)
+    return [
+        "evalsha",
+        sha,
+        "3",
+        keys.account,
+        keys.holds,
+        keys.events,
+        str(now_ms),
+        "tok__rand_int__",
+        "checkin_draft",
+        "1",
+        str(now_ms + 300_000),
+        str(allowance),
+        str(domain.to_ms(period.keys_expire_at)),
+        str(domain.IDEMPOTENCY_TTL_SECONDS * 1000),
+        str(period),
+        "100",
+        "10000",
+    ]
+
+
+async def bench_limit(report: Report, redis: RedisServer, load: Load) -> tuple[float, float]:
+    client = Redis.from_url(redis.url(DB_SCRATCH), decode_responses=True)
+    minimal_sha = await client.script_load(MINIMAL_SCRIPT)
+    reserve_sha = await client.script_load(load_script_source("reserve"))
+    minimal, minimal_p99 = redis_benchmark(
+        redis.port,
+        DB_SCRATCH,
+        load.redis_requests,
+        "evalsha",
+        minimal_sha,
+        "1",
+        "limit:{c__rand_int__}",
+        "1",
+        str(ALLOWANCE),
+    )
+    report.add(
+        "limit",
+        "redis-benchmark EVALSHA minimal check-and-increment",
+        minimal,
+        "calls/s",
+        f"p99 {minimal_p99} ms, 64 clients, random keys",
+    )
+    # Each __rand_int__ is drawn on its own, so the three keys name different coaches: the
+    # work per call is the script's, only the coach it lands on is random.
+    reserve_cmd = reserve_command(
+        reserve_sha, coach="c__rand_int__", allowance=ALLOWANCE, now=datetime.now(UTC)
+    )
+    reserve, reserve_p99 = redis_benchmark(
+        redis.port, DB_SCRATCH, load.redis_requests, *reserve_cmd
+    )
+    report.add(
+        "limit",
+        "redis-benchmark EVALSHA this service's reserve.lua",
+        reserve,
+        "calls/s",
+        f"p99 {reserve_p99} ms, real KEYS/ARGV, random coaches",
+    )
+    report.target("reserve script vs minimal script (redis-benchmark)", reserve / minimal, 0.5)
+    await client.flushdb()
+    await client.aclose()
+    return minimal, reserve
+
+
+# --- the peer and this service's store, in Python --------------------------------------
+
+
+async def run_tasks(total: int, op: Callable[[int], Awaitable[object]]) -> float:
+    """``total`` calls of ``op`` spread over 64 tasks; calls per second."""
+    per_task = total // CONCURRENCY
+
+    async def worker(w: int) -> None:
+        for i in range(per_task):
+            await op(w * per_task + i)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(CONCURRENCY)))
+    return per_task * CONCURRENCY / (time.perf_counter() - started)
+
+
+def pooled(url: str) -> Redis:
+    """A client like the service's: one blocking pool of 64 connections."""
+    return Redis(
+        connection_pool=BlockingConnectionPool.from_url(
+            url, decode_responses=True, max_connections=CONCURRENCY
+        )
+    )
+
+
+async def bench_python(report: Report, redis: RedisServer, load: Load) -> None:
+    from limits import RateLimitItemPerMonth
+    from limits.aio.strategies import FixedWindowRateLimiter
+    from limits.storage import storage_from_string
+
+    n = load.python_ops
+    space = 1_000_000
+    bare = pooled(redis.url(DB_SCRATCH))
+    sha = await bare.script_load(MINIMAL_SCRIPT)
+
+    async def bare_call(i: int) -> object:
+        return await bare.evalsha(sha, 1, f"bare:{{c{random.randrange(space)}}}", 1, ALLOWANCE)
+
+    bare_rate = report.add(
+        "peer",
+        "redis-py EVALSHA minimal script (bare client)",
+        await run_tasks(n, bare_call),
+        "calls/s",
+        "64 tasks, uvloop",
+    )
+    await bare.flushdb()
+    await bare.aclose()
+
+    storage: Any = storage_from_string(f"async+redis://127.0.0.1:{redis.port}/{DB_SCRATCH}")
+    limiter = FixedWindowRateLimiter(storage)
+    item = RateLimitItemPerMonth(ALLOWANCE)
+
+    async def limits_hit(i: int) -> object:
+        return await limiter.hit(item, f"c{random.randrange(space)}", cost=1)
+
+    peer_rate = report.add(
+        "peer",
+        "limits FixedWindowRateLimiter.hit (async+redis)",
+        await run_tasks(n, limits_hit),
+        "calls/s",
+        "64 tasks, uvloop",
+    )
+    await storage.reset()
+
+    client = connect(Settings(redis_url=redis.url(DB_SERVICE)))
+    store = CreditStore(client)
+    await store.ensure_scripts()
+
+    async def cycle(i: int) -> object:
+        reservation, _ = await store.reserve(f"store-{random.randrange(space)}", "checkin_draft")
+        return await store.commit(str(reservation.reservation_id))
+
+    cycles = await run_tasks(n // 2, cycle)
+    report.add(
+        "service",
+        "store reserve->commit cycles (CreditStore, Python)",
+        cycles,
+        "cycles/s",
+        "64 tasks, uvloop; 2 script calls each",
+    )
+    store_rate = report.add("service", "store script calls", cycles * 2, "calls/s")
+    report.target("store calls vs bare redis-py EVALSHA", store_rate / bare_rate, 0.9)
+    report.target("store calls vs limits hits", store_rate / peer_rate, 1.0)
+    await client.aclose()
+
+
+# --- HTTP: the floor and this service under wrk ----------------------------------------
+
+
+def production_argv(port: int, workers: int) -> list[str]:
+    """The command README.md's Deploying section gives, on loopback, with N workers."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Deploying", 1)[1]
+    line = next(x for x in section.splitlines() if x.strip().startswith("uvicorn "))
+    argv = shlex.split(line)
+    out: list[str] = [str(VENV_BIN / "uvicorn")]
+    skip = False
+    for i, arg in enumerate(argv[1:], start=1):
+        if skip:
+            skip = False
+            continue
+        if arg in ("--host", "--port", "--workers"):
+            skip = True
+            continue
+        out.append(arg)
+        del i
+    return [*out, "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+
+
+def floor_argv(port: int) -> list[str]:
+    return [
+        str(VENV_BIN / "uvicorn"),
+        "bench.floor_app:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+    ]
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def wrk(
+    base: str,
+    script: str,
+    seconds: int,
+    *,
+    key: str = "-",
+    ids_file: str = "-",
+    per_batch: int = 100,
+) -> WrkResult:
+    source = (WRK_DIR / "_common.lua").read_text() + (WRK_DIR / f"{script}.lua").read_text()
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as f:
+        f.write(source)
+        f.flush()
+        out = subprocess.run(
+            [
+                ensure_tool("wrk", "wrk"),
+                "-t2",
+                f"-c{CONCURRENCY}",
+                f"-d{seconds}s",
+                "--timeout",
+                "10s",
+                "-s",
+                f.name,
+                base,
+                "--",
+                key,
+                "1000000",
+                ids_file,
+                str(per_batch),
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    match = re.search(r"WRK_JSON (\{.*\})", out)
+    if match is None:
+        raise RuntimeError(f"bench: wrk printed no summary:\n{out}")
+    s = json.loads(match[1])
+    errors = s["connect"] + s["read"] + s["write"] + s["status"] + s["timeout"]
+    return WrkResult(
+        s["requests"] / (s["duration_us"] / 1e6), s["p50_us"] / 1000, s["p99_us"] / 1000, errors
+    )
+
+
+def service_env(redis: RedisServer) -> dict[str, str]:
+    return {
+        "CREDITS_REDIS_URL": redis.url(DB_SERVICE),
+        "CREDITS_API_KEYS": json.dumps({API_KEY: ["worker"]}),
+    }
+
+
+async def make_reservations(redis: RedisServer, count: int, prefix: str) -> str:
+    """``count`` held reservations on distinct coaches; the file of their ids."""
+    client = connect(Settings(redis_url=redis.url(DB_SERVICE)))
+    store = CreditStore(client)
+    ids: list[str] = []
+    for start in range(0, count, 500):
+        items = [
+            ReserveItem(f"{prefix}-{i}", "checkin_draft", ttl_seconds=3600)
+            for i in range(start, min(count, start + 500))
+        ]
+        for outcome in await store.reserve_many(items):
+            assert not isinstance(outcome, Exception), outcome
+            ids.append(str(outcome[0].reservation_id))
+    await client.aclose()
+    f = tempfile.NamedTemporaryFile("w", suffix=".ids", delete=False)  # noqa: SIM115
+    with f:
+        f.write("\n".join(ids) + "\n")
+    return f.name
+
+
+def wrk_row(report: Report, section: str, name: str, r: WrkResult, unit: str = "req/s") -> None:
+    note = f"p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms"
+    if r.errors:
+        note += f", {r.errors} non-2xx/errors"
+    report.add(section, name, r.rps, unit, note)
+
+
+async def bench_http(report: Report, redis: RedisServer, load: Load) -> None:
+    secs = load.wrk_seconds
+    floor_env = {"BENCH_REDIS_URL": redis.url(DB_FLOOR)}
+    floors: list[WrkResult] = []
+
+    def floor_run(when: str) -> None:
+        port = free_port()
+        with Uvicorn(floor_argv(port), floor_env, port) as srv:
+            wrk(srv.base, "reserve", 1)  # warm-up
+            r = wrk(srv.base, "reserve", secs)
+        floors.append(r)
+        wrk_row(report, "floor", f"minimal FastAPI + 1 EVALSHA, 1 worker ({when})", r)
+
+    service: dict[int, dict[str, WrkResult]] = {}
+    for workers in (1, 2):
+        floor_run(f"before {workers}w")
+        port = free_port()
+        argv = production_argv(port, workers)
+        with Uvicorn(argv, service_env(redis), port) as srv:
+            wrk(srv.base, "reserve", 1, key=API_KEY)  # warm-up
+            runs: dict[str, WrkResult] = {}
+            runs["reserve"] = wrk(srv.base, "reserve", secs, key=API_KEY)
+            wanted = int(runs["reserve"].rps * secs * 1.5) + 1000
+            ids = await make_reservations(redis, wanted, f"commit{workers}")
+            runs["commit"] = wrk(srv.base, "commit", secs, key=API_KEY, ids_file=ids)
+            os.unlink(ids)
+            runs["usage"] = wrk(srv.base, "usage", secs, key=API_KEY)
+            for op, r in runs.items():
+                wrk_row(report, "service", f"HTTP {op}, {workers} worker(s)", r)
+            service[workers] = runs
+            if workers == 2:
+                await bench_batches(report, redis, load, srv.base)
+    floor_run("after")
+
+    floor_rps = (floors[0].rps + floors[1].rps) / 2
+    floor_p99 = (floors[0].p99_ms + floors[1].p99_ms) / 2
+    report.add(
+        "floor",
+        "floor around the 1-worker runs (mean of before/after)",
+        floor_rps,
+        "req/s",
+        f"p99 {floor_p99:.2f} ms",
+    )
+    for op in ("reserve", "commit"):
+        one = service[1][op]
+        report.target(f"HTTP {op} 1 worker vs floor req/s", one.rps / floor_rps, 0.95)
+        report.target(f"HTTP {op} 1 worker p99 vs floor p99", one.p99_ms / floor_p99, 1.1, False)
+        report.target(f"HTTP {op} 2 workers vs 1 worker", service[2][op].rps / one.rps, 1.8)
+
+
+async def bench_batches(report: Report, redis: RedisServer, load: Load, base: str) -> None:
+    secs, per = load.wrk_seconds, load.batch_items
+    r = wrk(base, "batch_reserve", secs, key=API_KEY, per_batch=per)
+    reserve_ops = report.add(
+        "batch",
+        f"HTTP batch reserve, {per} items/request, 2 workers",
+        r.rps * per,
+        "credit ops/s",
+        f"{r.rps:.0f} req/s, p99 {r.p99_ms:.1f} ms",
+    )
+    wanted = int(r.rps * per * secs * 1.5) + per * 100
+    ids = await make_reservations(redis, wanted, "settle")
+    r = wrk(base, "batch_settle", secs, key=API_KEY, ids_file=ids, per_batch=per)
+    os.unlink(ids)
+    settle_ops = report.add(
+        "batch",
+        f"HTTP batch settle (commit), {per} items/request, 2 workers",
+        r.rps * per,
+        "credit ops/s",
+        f"{r.rps:.0f} req/s, p99 {r.p99_ms:.1f} ms",
+    )
+    report.target(
+        "batch credit ops/s (mean of reserve and settle)", (reserve_ops + settle_ops) / 2, 30_000
+    )
+
+
+# --- scaling and memory ------------------------------------------------------------------
+
+POPULATE: Final = """
+local prefix, first, last, period = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+for i = first, last do
+  local account = 'credits:{' .. prefix .. i .. '}:' .. period .. ':account'
+  redis.call('HSET', account, 'used', 7, 'held', 0, 'seq', 3,
+    'r:a' .. i, 'c|3|1|trend_analysis', 'r:b' .. i, 'c|1|1|checkin_draft')
+end
+return last - first + 1
+"""
+
+LAPSED: Final = """
+local account, holds, n, expires = KEYS[1], KEYS[2], tonumber(ARGV[1]), ARGV[2]
+for i = 1, n do
+  redis.call('HSET', account, 'r:lapsed' .. i, 'h|1|' .. expires .. '|checkin_draft')
+  redis.call('ZADD', holds, expires, 'lapsed' .. i .. ':1')
+end
+redis.call('HINCRBY', account, 'held', n)
+return n
+"""
+
+
+async def bench_scaling(report: Report, redis: RedisServer, load: Load) -> None:
+    client = Redis.from_url(redis.url(DB_SCALE), decode_responses=True)
+    await client.flushdb()
+    sha = await client.script_load(load_script_source("reserve"))
+    now = datetime.now(UTC)
+    period = str(Period.containing(now))
+    n = load.redis_requests // 2
+
+    def random_coaches() -> float:
+        cmd = reserve_command(sha, coach="c__rand_int__", allowance=ALLOWANCE, now=now)
+        return redis_benchmark(redis.port, DB_SCALE, n, *cmd)[0]
+
+    def one_coach(coach: str, allowance: int) -> float:
+        cmd = reserve_command(sha, coach=coach, allowance=allowance, now=now)
+        return redis_benchmark(redis.port, DB_SCALE, n, *cmd)[0]
+
+    empty = report.add(
+        "scale",
+        "reserve.lua, random coaches, empty Redis",
+        random_coaches(),
+        "calls/s",
+        "redis-benchmark",
+    )
+    await client.flushdb()
+    fresh = report.add(
+        "scale",
+        "reserve.lua, one coach, no lapsed holds",
+        one_coach("hot", 10**9),
+        "calls/s",
+        "allowance 10^9",
+    )
+
+    # Populate coaches whose keys the random run lands on (c000000000001 style names).
+    await client.flushdb()
+    started = time.perf_counter()
+    total, chunk = load.coaches_populated, 50_000
+    for first in range(0, total, chunk):
+        last = min(total, first + chunk) - 1
+        await client.eval(POPULATE, 0, "c", first, last, period)
+    # redis-benchmark pads __rand_int__ to 12 digits: give those names accounts too.
+    for first in range(0, total, chunk):
+        last = min(total, first + chunk) - 1
+        await client.eval(
+            POPULATE.replace("prefix .. i", "prefix .. string.format('%012d', i)"),
+            0,
+            "c",
+            first,
+            last,
+            period,
+        )
+    populated_in = time.perf_counter() - started
+    report.add(
+        "scale",
+        "coaches populated",
+        total,
+        "coaches",
+        f"{await client.dbsize():,} keys in {populated_in:.1f} s",
+    )
+    full = report.add(
+        "scale",
+        f"reserve.lua, random coaches, {total:,} coaches in Redis",
+        random_coaches(),
+        "calls/s",
+    )
+    report.target(f"per-call cost with {total:,} coaches vs empty", empty / full, 1.2, False)
+
+    await client.flushdb()
+    keys = period_keys("hot", Period.containing(now))
+    lapsed_at = domain.to_ms(now - timedelta(seconds=60))
+    await client.eval(LAPSED, 2, keys.account, keys.holds, load.lapsed_holds, lapsed_at)
+    lapsed = report.add(
+        "scale",
+        f"reserve.lua, one coach with {load.lapsed_holds:,} lapsed holds",
+        one_coach("hot", 10**9),
+        "calls/s",
+        "sweeps 100 per call until none is left",
+    )
+    left = await client.zcount(keys.holds, "-inf", lapsed_at)
+    report.add("scale", "lapsed holds left after that run", left, "holds")
+    report.target(
+        f"per-call cost with {load.lapsed_holds:,} lapsed holds vs none", fresh / lapsed, 1.2, False
+    )
+
+    # The worst single call: one that sweeps a full batch of lapsed holds.
+    await client.flushdb()
+    await client.eval(LAPSED, 2, keys.account, keys.holds, load.lapsed_holds, lapsed_at)
+    argv = reserve_command(sha, coach="hot", allowance=10**9, now=now)[3:]  # keys, args
+    timings = []
+    for i in range(5):
+        args = [a.replace("__rand_int__", f"w{i}") for a in argv]
+        started = time.perf_counter()
+        await client.evalsha(sha, 3, *args)
+        timings.append(time.perf_counter() - started)
+    report.add(
+        "scale",
+        "one reserve that sweeps 100 lapsed holds (round trip)",
+        sorted(timings)[2] * 1e6,
+        "us",
+        "median of 5",
+    )
+    await client.flushdb()
+    await client.aclose()
+
+
+async def bench_memory(report: Report, redis: RedisServer) -> None:
+    client = Redis.from_url(redis.url(DB_SCALE), decode_responses=True)
+    await client.flushdb()
+    store = CreditStore(client, allowance=ALLOWANCE)
+    await store.ensure_scripts()
+    # A busy month: 20 actions, 16 committed, 2 refunded, 2 still held, half with keys.
+    for i in range(20):
+        feature = "trend_analysis" if i % 4 == 0 else "checkin_draft"
+        key = f"job-{i}" if i % 2 else None
+        reservation, _ = await store.reserve("active", feature, idempotency_key=key)
+        if i < 16:
+            await store.commit(str(reservation.reservation_id))
+        elif i < 18:
+            await store.refund(str(reservation.reservation_id))
+    names = [k async for k in client.scan_iter(match="credits:{active}:*")]
+    total = 0
+    for name in names:
+        total += int(await client.memory_usage(name) or 0)
+    report.add(
+        "memory",
+        "one active coach-month (20 actions, 10 idempotency keys)",
+        total,
+        "bytes",
+        f"{len(names)} keys, MEMORY USAGE",
+    )
+    await store.usage("idle")
+    idle = [k async for k in client.scan_iter(match="credits:{idle}:*")]
+    report.add("memory", "an idle coach (usage read, nothing else)", len(idle), "keys", "0 bytes")
+    await client.flushdb()
+    await client.aclose()
+
+
+# --- correctness ---------------------------------------------------------------------------
+
+
+async def check_correctness(report: Report, redis: RedisServer) -> None:
+    client = Redis.from_url(redis.url(DB_SERVICE), decode_responses=True)
+    checked = over = 0
+    batch: list[str] = []
+
+    async def flush() -> None:
+        nonlocal checked, over
+        async with client.pipeline(transaction=False) as pipe:
+            for name in batch:
+                pipe.hmget(name, "used", "held")
+            for used, held in await pipe.execute():
+                checked += 1
+                if int(used or 0) + int(held or 0) > ALLOWANCE:
+                    over += 1
+        batch.clear()
+
+    async for name in client.scan_iter(match="credits:{*}:*:account", count=1000):
+        batch.append(name)
+        if len(batch) >= 1000:
+            await flush()
+    await flush()
+    await client.aclose()
+    report.add("check", "coach-months checked after all loads", checked, "coaches")
+    report.add("check", "coach-months above their allowance (used + held)", over, "coaches")
+    report.correct = checked > 0 and over == 0
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+async def run(load: Load, quick: bool) -> Report:
+    report = Report(quick=quick)
+    ensure_tool("wrk", "wrk")
+    with RedisServer() as redis:
+        print(f"bench: private redis-server on port {redis.port}", flush=True)
+        await bench_limit(report, redis, load)
+        await bench_python(report, redis, load)
+        await bench_http(report, redis, load)
+        await bench_scaling(report, redis, load)
+        await bench_memory(report, redis)
+        await check_correctness(report, redis)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="a tiny load: seconds, not minutes")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where results go")
+    args = parser.parse_args(argv)
+    command = "python -m bench.run" + (" --quick" if args.quick else "")
+    report = uvloop.run(run(Load.of(args.quick), args.quick))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "quick" if args.quick else "full"
+    (args.out / f"{stem}.json").write_text(
+        json.dumps(
+            {
+                **asdict(report),
+                "targets": [{**asdict(t), "passed": t.passed} for t in report.targets],
+            },
+            indent=2,
+        )
+    )
+    markdown = report.markdown(command)
+    (args.out / f"{stem}.md").write_text(markdown)
+    print("\n" + markdown)
+    print(f"bench: results in {args.out}/{stem}.json and {stem}.md")
+    return 0 if report.correct else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
