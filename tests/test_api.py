@@ -177,6 +177,20 @@ async def test_idempotent_replay_returns_same_reservation(api: httpx.AsyncClient
     assert (await usage(api))["held"] == 0
 
 
+async def test_replay_after_expiry_reports_expired_and_holds_nothing(
+    api: httpx.AsyncClient, clock: FrozenClock
+) -> None:
+    first = await reserve(api, feature="trend_analysis", ttl=10, key="slow-job")
+    assert first.status_code == 201
+    clock.advance(10)
+    replay = await reserve(api, feature="trend_analysis", ttl=10, key="slow-job")
+    assert replay.status_code == 200
+    assert replay.json()["reservation_id"] == first.json()["reservation_id"]
+    assert replay.json()["status"] == "expired"
+    assert replay.json()["usage"]["held"] == 0
+    assert (await usage(api))["remaining"] == 50
+
+
 async def test_idempotency_key_is_scoped_to_the_coach(api: httpx.AsyncClient) -> None:
     a = await reserve(api, "coach-a", key="same")
     b = await reserve(api, "coach-b", key="same")
@@ -484,6 +498,9 @@ async def test_batch_usage_in_request_order(api: httpx.AsyncClient) -> None:
     one = await api.post("/v1/usage/batch", json={"coach_ids": ["c-0500"]})
     assert one.status_code == 200
     assert one.json() == {"items": [by_id["c-0500"]]}
+
+    repeated = await api.post("/v1/usage/batch", json={"coach_ids": ["c-0007", "x", "c-0007"]})
+    assert [i["coach_id"] for i in repeated.json()["items"]] == ["c-0007", "x", "c-0007"]
 
 
 BAD_BATCHES: dict[str, tuple[object, str]] = {
