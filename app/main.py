@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -26,6 +28,22 @@ from app.store import AnyRedis, Clock, CreditStore, utc_now
 log = logging.getLogger("credits")
 
 
+class WaitingRedisCluster(RedisCluster):
+    """A cluster client whose callers wait for a free connection, as with the
+    single-node BlockingConnectionPool, instead of failing at once: the plain cluster
+    client raises MaxConnectionsError (a 503) as soon as one node's pool is in use.
+
+    Each command holds one permit and uses at most one connection per node; a slot-map
+    reload may take one more, hence one permit fewer than connections. The wait counts
+    against the store's bound on every Redis call."""
+
+    permits: asyncio.Semaphore
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.permits:
+            return await super().execute_command(*args, **kwargs)
+
+
 def connect(settings: Settings) -> AnyRedis:
     """A client with bounded waits everywhere and no automatic command retries: a
     reserve retried blindly after a timeout could hold twice, so retries are the
@@ -41,14 +59,17 @@ def connect(settings: Settings) -> AnyRedis:
         # during a failover) makes the client reload the slot map before its next call,
         # so the first call after a failover is a fast 503 and the ones after it reach
         # the promoted replica; MOVED and ASK redirects are followed without a retry.
-        return RedisCluster.from_url(
+        cluster = WaitingRedisCluster.from_url(
             settings.redis_url,
             decode_responses=True,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            max_connections=settings.redis_max_connections,
+            max_connections=settings.redis_max_connections + 1,
             retry=Retry(NoBackoff(), 0),
         )
+        assert isinstance(cluster, WaitingRedisCluster)
+        cluster.permits = asyncio.Semaphore(settings.redis_max_connections)
+        return cluster
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         decode_responses=True,

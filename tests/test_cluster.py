@@ -110,6 +110,25 @@ async def test_connect_builds_a_cluster_client_that_sends_each_command_once(
         await redis.aclose()
 
 
+async def test_more_concurrent_calls_than_connections_wait_instead_of_failing(
+    cluster: LocalCluster, clock: FrozenClock
+) -> None:
+    """A plain cluster client fails a call at once when a node's pool is in use; the
+    service's client makes it wait, as the single-node pool does."""
+    redis = connect(cluster_settings(cluster, redis_max_connections=3))
+    try:
+        store = CreditStore(redis, clock=clock)
+        await redis.flushall()
+        coaches = [f"crowd-{i}" for i in range(60)]
+        reserved = await asyncio.gather(*(store.reserve(c, "checkin_draft") for c in coaches))
+        assert all(created for _, created in reserved)
+        batches = await asyncio.gather(*(store.usage_many(coaches) for _ in range(4)))
+        assert all((u.used, u.held) == (0, 1) for batch in batches for u in batch)
+    finally:
+        await redis.flushall()
+        await redis.aclose()
+
+
 async def test_a_connection_torn_down_under_a_call_is_unavailable_not_a_crash(
     clock: FrozenClock,
 ) -> None:
