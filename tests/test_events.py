@@ -202,6 +202,7 @@ async def test_reading_events_creates_no_keys(api: httpx.AsyncClient, backend: A
     ("path", "params", "code"),
     [
         ("/v1/coaches/{bad}/events", {}, "invalid_coach_id"),
+        ("/v1/coaches/a%2Fb/events", {}, "invalid_coach_id"),
         ("/v1/coaches/ok/events", {"limit": "0"}, "invalid_request"),
         ("/v1/coaches/ok/events", {"limit": "501"}, "invalid_request"),
         ("/v1/coaches/ok/events", {"before": "0"}, "invalid_request"),

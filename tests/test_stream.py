@@ -159,6 +159,7 @@ async def test_the_stream_ends_when_the_client_disconnects(service: ServiceProce
     ("coach", "key", "status", "code"),
     [
         ("{bad}", READER_KEY, 422, "invalid_coach_id"),
+        ("a%2Fb", READER_KEY, 422, "invalid_coach_id"),
         ("coach-1", None, 401, "unauthorized"),
         ("coach-1", "not-a-key-at-all-000", 401, "unauthorized"),
     ],

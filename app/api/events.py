@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from app import domain
+from app.api import paths  # noqa: F401  (registers the {coach_id:coach_id} path type)
 from app.api.deps import AnyScope, Reader, StoreDep
 from app.api.problems import PROBLEM_JSON
 from app.api.schemas import ProblemOut, usage_json
@@ -86,7 +87,7 @@ def events_json(page: EventPage) -> dict[str, object]:
 
 
 @router.get(
-    "/v1/coaches/{coach_id}/events",
+    "/v1/coaches/{coach_id:coach_id}/events",
     response_model=EventsOut,
     responses=_problems(401, 403, 422, 503),
     tags=["usage"],
@@ -131,7 +132,7 @@ def _sse(event: str, data: str, *, retry_ms: int | None = None) -> str:
 
 
 @router.get(
-    "/v1/coaches/{coach_id}/usage/stream",
+    "/v1/coaches/{coach_id:coach_id}/usage/stream",
     response_class=StreamingResponse,
     responses={
         200: {

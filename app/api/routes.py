@@ -8,9 +8,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Header, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.convertors import Convertor, register_url_convertor
 
 from app import domain
+from app.api import paths  # noqa: F401  (registers the {coach_id:coach_id} path type)
 from app.api.deps import AnyScope, MetricsDep, Reader, StoreDep, Worker
 from app.api.problems import problem_body
 from app.api.schemas import (
@@ -35,21 +35,6 @@ from app.store import ReserveItem
 router = APIRouter()
 
 
-class _AnyCoachId(Convertor[str]):
-    """Matches any non-empty text, slashes and line breaks included, so that every
-    malformed coach id (``a%2Fb``, ``a%0Ab``) reaches the coach id check and is answered
-    422 invalid_coach_id instead of missing the route with a 404."""
-
-    regex = r"[\s\S]+"
-
-    def convert(self, value: str) -> str:
-        return value
-
-    def to_string(self, value: str) -> str:
-        return value
-
-
-register_url_convertor("coach_id", _AnyCoachId())
 
 
 def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
