@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
@@ -23,6 +24,7 @@ from app.api.routes import router
 from app.config import Settings
 from app.errors import BackendUnavailable
 from app.metrics import Metrics
+from app.packing import PackedConnection
 from app.store import AnyRedis, Clock, CreditStore, utc_now
 
 log = logging.getLogger("credits")
@@ -83,6 +85,8 @@ def connect(settings: Settings) -> AnyRedis:
         # Redis restart went out on a dead connection and was answered 503.
         maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
+    if pool.connection_class is Connection:  # plain TCP (TLS and sockets keep theirs)
+        pool.connection_class = PackedConnection
     return Redis(connection_pool=pool)
 
 

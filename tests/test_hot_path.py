@@ -1,4 +1,4 @@
-"""The request hot path stays on the event loop: no worker-thread hop per request."""
+"""The hot path stays lean: no worker-thread hop per request, commands packed in C."""
 
 from __future__ import annotations
 
@@ -7,6 +7,15 @@ from typing import Any
 import anyio.to_thread
 import httpx
 import pytest
+from redis.asyncio import Redis
+from redis.asyncio.connection import Connection, SSLConnection
+from redis.exceptions import DataError
+
+from app.config import Settings
+from app.main import connect
+from app.packing import PackedConnection
+from app.store import CreditStore
+from tests.redis_procs import RedisProcess
 
 
 @pytest.fixture
@@ -37,3 +46,50 @@ async def test_credit_routes_never_hop_to_a_thread(
     )
     assert batch.status_code == 200
     assert no_threads == []
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("EVALSHA", "a" * 40, 3, "credits:{c-1}:2026-11:account", b"raw", 1_764_000_000_000),
+        ("SET", "k", "Used 3 credits · 34 of 50 left", -5, 0.1, 10**30),
+        ("CONFIG GET", "maxmemory"),
+        ("SET", "k", memoryview(b"view"), bytearray(b"array")),
+    ],
+)
+def test_packed_connection_packs_like_redis_py(command: tuple[Any, ...]) -> None:
+    expected = b"".join(Connection().pack_command(*command))
+    assert b"".join(PackedConnection().pack_command(*command)) == expected
+
+
+@pytest.mark.parametrize("bad", [True, None, [1]])
+def test_packed_connection_refuses_what_redis_py_refuses(bad: object) -> None:
+    with pytest.raises(DataError):
+        PackedConnection().pack_command("SET", "k", bad)
+
+
+def test_connect_packs_in_c_on_plain_tcp_only() -> None:
+    plain = connect(Settings(redis_url="redis://127.0.0.1:1/0"))
+    assert isinstance(plain, Redis)
+    assert plain.connection_pool.connection_class is PackedConnection
+    tls = connect(Settings(redis_url="rediss://127.0.0.1:1/0"))
+    assert isinstance(tls, Redis)
+    assert tls.connection_pool.connection_class is SSLConnection
+
+
+@pytest.mark.real_redis
+async def test_store_round_trips_over_packed_connections(redis_server: RedisProcess) -> None:
+    client = connect(Settings(redis_url=redis_server.url))
+    try:
+        await client.flushall()
+        store = CreditStore(client)
+        reservation, created = await store.reserve("packed", "trend_analysis", idempotency_key="é")
+        assert created
+        committed = await store.commit(str(reservation.reservation_id))
+        assert committed.note == "Used 3 credits · 47 of 50 left this month"
+        again, created = await store.reserve("packed", "trend_analysis", idempotency_key="é")
+        assert not created
+        assert again.reservation_id == reservation.reservation_id
+    finally:
+        await client.flushall()
+        await client.aclose()
