@@ -221,3 +221,63 @@ async def test_concurrent_reserves_with_one_idempotency_key_hold_once(
     assert usage.held == held
     holds = await redis.zcard(period_keys(coach_id, Period.containing(NOW)).holds)
     assert holds == 5
+
+
+async def test_script_flush_storm_loses_no_call_and_no_credit(
+    store: CreditStore, redis: Redis, redis_server: RedisProcess
+) -> None:
+    rng = random.Random(99)
+    coaches = [coach() for _ in range(6)]
+    flusher_client = Redis.from_url(redis_server.url, decode_responses=True)
+    done = asyncio.Event()
+    flushes = 0
+
+    async def flusher() -> None:
+        nonlocal flushes
+        while not done.is_set():
+            await flusher_client.script_flush()
+            flushes += 1
+            await asyncio.sleep(0)
+
+    async def lifecycle(coach_id: str, i: int) -> tuple[str, int, Status | None]:
+        feature = rng.choice(["checkin_draft", "trend_analysis"])
+        try:
+            res, _ = await store.reserve(coach_id, feature, idempotency_key=f"k{i}")
+        except CreditsExhausted:
+            return coach_id, 0, None
+        rid = str(res.reservation_id)
+        await store.usage_many(coaches)
+        settled = await (store.commit(rid) if rng.random() < 0.6 else store.refund(rid))
+        again = await store.get_reservation(rid)
+        assert again.status is settled.status
+        return coach_id, res.cost, settled.status
+
+    flushing = asyncio.create_task(flusher())
+    try:
+        async with Sampler(store, redis, coaches):
+            results = await asyncio.gather(
+                *(lifecycle(coaches[i % len(coaches)], i) for i in range(300)),
+                return_exceptions=True,
+            )
+    finally:
+        done.set()
+        await flushing
+        await flusher_client.aclose()
+
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert not failures, failures[:3]
+    assert flushes > 10, "the storm was too short to overlap the calls"
+    # Calls really met NOSCRIPT, so the recovery path is what this test exercised.
+    reloads = store.metrics.registry.get_sample_value("credits_scripts_reloaded_total")
+    assert reloads is not None
+    assert reloads > 0
+    committed: Counter[str] = Counter()
+    for r in results:
+        assert isinstance(r, tuple)
+        coach_id, cost, status = r
+        if status is Status.COMMITTED:
+            committed[coach_id] += cost
+    for c in coaches:
+        assert await raw_counters(redis, c) == (committed[c], 0)
+        usage = await store.usage(c)
+        assert (usage.used, usage.held) == (committed[c], 0)
