@@ -322,7 +322,31 @@ async def bench_python(report: Report, redis: RedisServer, load: Load) -> None:
         "64 tasks, uvloop; 2 script calls each",
     )
     store_rate = report.add("service", "store script calls", cycles * 2, "calls/s")
-    report.target("store calls vs bare redis-py EVALSHA", store_rate / bare_rate, 0.9)
+
+    # Like for like: the same client settings and the same two scripts with the same
+    # KEYS/ARGV, called straight through redis-py: what the store adds is its own work.
+    reserve_sha = store.scripts["reserve"].sha
+    commit_sha = store.scripts["commit"].sha
+
+    async def bare_cycle(i: int) -> object:
+        now = datetime.now(UTC)
+        coach = f"bare-{random.randrange(space)}"
+        cmd = reserve_command(reserve_sha, coach=coach, allowance=ALLOWANCE, now=now)
+        token = os.urandom(16).hex()
+        args = [a.replace("tok__rand_int__", token) for a in cmd[3:]]
+        await client.evalsha(reserve_sha, 3, *args)
+        release = [str(domain.to_ms(now)), token, "100", "10000"]
+        return await client.evalsha(commit_sha, 3, *args[:3], *release)
+
+    same_rate = report.add(
+        "peer",
+        "redis-py EVALSHA reserve.lua + commit.lua (service's client)",
+        await run_tasks(n // 2, bare_cycle) * 2,
+        "calls/s",
+        "same KEYS/ARGV as the store, no store code",
+    )
+    report.target("store calls vs bare EVALSHA of the same scripts", store_rate / same_rate, 0.9)
+    report.target("store calls vs bare EVALSHA of the minimal script", store_rate / bare_rate, 0.9)
     report.target("store calls vs limits hits", store_rate / peer_rate, 1.0)
     await client.aclose()
 
@@ -558,6 +582,8 @@ async def bench_scaling(report: Report, redis: RedisServer, load: Load) -> None:
     period = str(Period.containing(now))
     n = load.redis_requests // 2
 
+    # Best of two back-to-back runs: on a shared machine one run can catch a neighbour's
+    # burst, and the ratios below compare a cost, not the noise.
     def random_coaches() -> float:
         cmd = reserve_command(sha, coach="c__rand_int__", allowance=ALLOWANCE, now=now)
         return redis_benchmark(redis.port, DB_SCALE, n, *cmd)[0]
@@ -566,12 +592,14 @@ async def bench_scaling(report: Report, redis: RedisServer, load: Load) -> None:
         cmd = reserve_command(sha, coach=coach, allowance=allowance, now=now)
         return redis_benchmark(redis.port, DB_SCALE, n, *cmd)[0]
 
+    first_run = random_coaches()
+    await client.flushdb()
     empty = report.add(
         "scale",
         "reserve.lua, random coaches, empty Redis",
-        random_coaches(),
+        max(first_run, random_coaches()),
         "calls/s",
-        "redis-benchmark",
+        "redis-benchmark, best of 2",
     )
     await client.flushdb()
     fresh = report.add(
@@ -601,8 +629,9 @@ async def bench_scaling(report: Report, redis: RedisServer, load: Load) -> None:
     full = report.add(
         "scale",
         f"reserve.lua, random coaches, {total:,} coaches in Redis",
-        random_coaches(),
+        max(random_coaches(), random_coaches()),
         "calls/s",
+        "best of 2",
     )
     report.target(f"per-call cost with {total:,} coaches vs empty", empty / full, 1.2, False)
 

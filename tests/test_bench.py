@@ -22,6 +22,7 @@ EXPECTED_ROWS = [
     ("limit", "redis-benchmark EVALSHA this service's reserve.lua"),
     ("peer", "redis-py EVALSHA"),
     ("peer", "limits FixedWindowRateLimiter"),
+    ("peer", "redis-py EVALSHA reserve.lua + commit.lua"),
     ("service", "store reserve->commit cycles"),
     ("service", "store script calls"),
     ("floor", "minimal FastAPI + 1 EVALSHA, 1 worker (before 1w)"),
@@ -51,7 +52,8 @@ EXPECTED_ROWS = [
 
 EXPECTED_TARGETS = [
     "reserve script vs minimal script (redis-benchmark)",
-    "store calls vs bare redis-py EVALSHA",
+    "store calls vs bare EVALSHA of the same scripts",
+    "store calls vs bare EVALSHA of the minimal script",
     "store calls vs limits hits",
     "batch credit ops/s (mean of reserve and settle)",
     "HTTP reserve 1 worker vs floor req/s",
