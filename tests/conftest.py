@@ -21,7 +21,10 @@ from tests.redis_procs import RedisProcess
 
 
 class FrozenClock:
-    """A clock that only moves when a test moves it."""
+    """A clock that only moves when a test moves it.
+
+    Tests start in 2099: period keys expire at absolute instants derived from this clock,
+    and a real Redis (or fakeredis) deletes keys whose instant has already passed."""
 
     def __init__(self, start: datetime) -> None:
         self.now = start
@@ -40,7 +43,7 @@ class FrozenClock:
 
 @pytest.fixture
 def clock() -> FrozenClock:
-    return FrozenClock(datetime(2026, 11, 14, 12, 0, 0, tzinfo=UTC))
+    return FrozenClock(datetime(2099, 11, 14, 12, 0, 0, tzinfo=UTC))
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from tests.conftest import FrozenClock
 from tests.http_helpers import assert_problem, snapshot
 
 COACH = "coach-1"
-DEC_1 = datetime(2026, 12, 1, tzinfo=UTC)
+DEC_1 = datetime(2099, 12, 1, tzinfo=UTC)
 RESERVATION_FIELDS = {
     "reservation_id",
     "coach_id",
@@ -120,20 +120,20 @@ async def test_reserve_returns_every_field(api: httpx.AsyncClient, clock: Frozen
     assert r["feature"] == "trend_analysis"
     assert r["cost"] == 3
     assert r["status"] == "held"
-    assert r["period"] == "2026-11"
+    assert r["period"] == "2099-11"
     assert r["expires_at"] == iso(clock.now + timedelta(seconds=300))
     u = r["usage"]
     assert set(u) == USAGE_FIELDS
     assert u == {
         "coach_id": COACH,
-        "period": "2026-11",
+        "period": "2099-11",
         "allowance": 50,
         "used": 0,
         "held": 3,
         "remaining": 47,
         "percent_used": 0,
         "level": "green",
-        "resets_at": "2026-12-01T00:00:00Z",
+        "resets_at": "2099-12-01T00:00:00Z",
         "features": [
             {"feature": "checkin_draft", "cost": 1, "available": True},
             {"feature": "trend_analysis", "cost": 3, "available": True},
@@ -337,11 +337,11 @@ async def test_unknown_reservation_ids_are_404_without_side_effect(
     made_up = [
         f"{coach_part}.{period_part}.{_alter(token, 5)}",  # one char of the token
         f"{_alter(coach_part, 0)}.{period_part}.{token}",  # one char of the coach
-        f"{coach_part}.202610.{token}",  # another period
+        f"{coach_part}.209910.{token}",  # another period
         f"{coach_part}.{period_part}.{token[:-2]}",  # truncated
         f"{coach_part}.{period_part}.{token}x",  # extended
-        str(ReservationId.new("ghost-coach", Period(2026, 11))),  # well formed, nobody
-        str(ReservationId.new(COACH, Period(2026, 11))),  # right coach, unknown token
+        str(ReservationId.new("ghost-coach", Period(2099, 11))),  # well formed, nobody
+        str(ReservationId.new(COACH, Period(2099, 11))),  # right coach, unknown token
         secrets.token_urlsafe(24),
         "nope",
         "a.b.c",
@@ -371,14 +371,14 @@ async def test_unseen_coach_reads_untouched_and_creates_nothing(
     assert await snapshot(backend) == before
     assert u == {
         "coach_id": "never.seen_before:x@y-1",
-        "period": "2026-11",
+        "period": "2099-11",
         "allowance": 50,
         "used": 0,
         "held": 0,
         "remaining": 50,
         "percent_used": 0,
         "level": "green",
-        "resets_at": "2026-12-01T00:00:00Z",
+        "resets_at": "2099-12-01T00:00:00Z",
         "features": [
             {"feature": "checkin_draft", "cost": 1, "available": True},
             {"feature": "trend_analysis", "cost": 3, "available": True},
@@ -393,7 +393,7 @@ async def test_usage_levels_at_the_thresholds(api: httpx.AsyncClient) -> None:
         u = await usage(api)
         seen.append((u["used"], u["percent_used"], u["level"]))
         assert u["remaining"] == 50 - u["used"]
-        assert u["resets_at"] == "2026-12-01T00:00:00Z"
+        assert u["resets_at"] == "2099-12-01T00:00:00Z"
     assert seen == [(35, 70, "green"), (36, 72, "amber"), (45, 90, "amber"), (46, 92, "red")]
 
 
@@ -434,7 +434,7 @@ async def test_exhausted_when_all_used(
     assert body["feature"] == "checkin_draft"
     assert body["cost"] == 1
     assert body["remaining"] == 0
-    assert body["resets_at"] == "2026-12-01T00:00:00Z"
+    assert body["resets_at"] == "2099-12-01T00:00:00Z"
     assert body["detail"] == (
         "You've used all 50 AI credits for November. They refresh on December 1 at 00:00 UTC."
     )
@@ -791,18 +791,18 @@ async def test_openapi_lists_every_route(api: httpx.AsyncClient) -> None:
 async def test_hold_made_before_midnight_is_charged_to_its_month(
     api: httpx.AsyncClient, clock: FrozenClock
 ) -> None:
-    clock.set(datetime(2026, 11, 30, 23, 59, 50, tzinfo=UTC))
+    clock.set(datetime(2099, 11, 30, 23, 59, 50, tzinfo=UTC))
     r = await held(api, feature="trend_analysis", ttl=60)
-    assert r["period"] == "2026-11"
-    clock.advance(20)  # 2026-12-01 00:00:10
+    assert r["period"] == "2099-11"
+    clock.advance(20)  # 2099-12-01 00:00:10
     resp = await api.post(f"/v1/reservations/{r['reservation_id']}/commit")
     assert resp.status_code == 200
     c = resp.json()
-    assert c["period"] == "2026-11"
+    assert c["period"] == "2099-11"
     assert c["status"] == "committed"
-    assert (c["usage"]["period"], c["usage"]["used"]) == ("2026-11", 3)
-    assert c["usage"]["resets_at"] == "2026-12-01T00:00:00Z"
+    assert (c["usage"]["period"], c["usage"]["used"]) == ("2099-11", 3)
+    assert c["usage"]["resets_at"] == "2099-12-01T00:00:00Z"
     assert c["note"] == "Used 3 credits · 47 of 50 left this month"
     december = await usage(api)
-    assert (december["period"], december["used"], december["held"]) == ("2026-12", 0, 0)
-    assert december["resets_at"] == "2027-01-01T00:00:00Z"
+    assert (december["period"], december["used"], december["held"]) == ("2099-12", 0, 0)
+    assert december["resets_at"] == "2100-01-01T00:00:00Z"

@@ -190,7 +190,7 @@ async def test_any_worker_may_settle_any_reservation(client: httpx.AsyncClient) 
 async def test_unknown_reservation_with_a_key_is_404_and_without_is_401(
     client: httpx.AsyncClient,
 ) -> None:
-    rid = str(ReservationId.new("ghost", Period(2026, 11)))
+    rid = str(ReservationId.new("ghost", Period(2099, 11)))
     assert_problem(
         await client.get(f"/v1/reservations/{rid}", headers=bearer(WORKER)),
         404,

@@ -82,12 +82,12 @@ async def test_mixed_items_succeed_and_fail_alone_in_request_order(api: httpx.As
     item_problem(out[2], 422, "unknown_feature")
     fourth = item_reservation(out[3], 201)
     assert (fourth["coach_id"], fourth["cost"]) == ("coach-b", 3)
-    assert fourth["expires_at"] == "2026-11-14T12:01:00Z"
+    assert fourth["expires_at"] == "2099-11-14T12:01:00Z"
     item_problem(out[4], 422, "invalid_request")
     item_problem(out[5], 422, "invalid_request")
     item_problem(out[6], 422, "invalid_coach_id")
     last = item_reservation(out[7], 201)
-    assert last["expires_at"] == "2026-11-14T13:00:00Z"
+    assert last["expires_at"] == "2099-11-14T13:00:00Z"
 
     # Failed items held nothing; successful ones held exactly their cost.
     assert (await usage(api, "coach-a"))["held"] == 1
@@ -125,7 +125,7 @@ async def test_exhaustion_mid_batch_holds_exactly_what_fits(api: httpx.AsyncClie
         assert problem["feature"] == "trend_analysis"
         assert problem["cost"] == 3
         assert problem["remaining"] == 2
-        assert problem["resets_at"] == "2026-12-01T00:00:00Z"
+        assert problem["resets_at"] == "2099-12-01T00:00:00Z"
         # Tied up in holds of 300 s: the first frees up in 300 s.
         assert problem["retry_after"] == 300
 

@@ -20,7 +20,7 @@ from app.store import AnyRedis, period_keys
 from tests.conftest import FrozenClock
 
 COACH = "coach-events-1"
-PERIOD = Period(2026, 11)
+PERIOD = Period(2099, 11)
 
 
 async def all_events(api: httpx.AsyncClient, coach: str, *, limit: int, **params: str) -> list[Any]:
@@ -135,7 +135,7 @@ async def test_event_fields_and_order(api: httpx.AsyncClient, clock: FrozenClock
         # Noticed by the repeated commit, dated when b lapsed, numbered when noticed.
         {
             "seq": 4,
-            "at": "2026-11-14T12:00:06Z",
+            "at": "2099-11-14T12:00:06Z",
             "kind": "expired",
             "reservation_id": b_id,
             "feature": "checkin_draft",
@@ -143,7 +143,7 @@ async def test_event_fields_and_order(api: httpx.AsyncClient, clock: FrozenClock
         },
         {
             "seq": 3,
-            "at": "2026-11-14T12:00:02Z",
+            "at": "2099-11-14T12:00:02Z",
             "kind": "committed",
             "reservation_id": a_id,
             "feature": "trend_analysis",
@@ -151,7 +151,7 @@ async def test_event_fields_and_order(api: httpx.AsyncClient, clock: FrozenClock
         },
         {
             "seq": 2,
-            "at": "2026-11-14T12:00:01Z",
+            "at": "2099-11-14T12:00:01Z",
             "kind": "held",
             "reservation_id": b_id,
             "feature": "checkin_draft",
@@ -159,7 +159,7 @@ async def test_event_fields_and_order(api: httpx.AsyncClient, clock: FrozenClock
         },
         {
             "seq": 1,
-            "at": "2026-11-14T12:00:00Z",
+            "at": "2099-11-14T12:00:00Z",
             "kind": "held",
             "reservation_id": a_id,
             "feature": "trend_analysis",
@@ -185,13 +185,13 @@ async def test_other_months_keep_their_own_log(api: httpx.AsyncClient, clock: Fr
     clock.set(clock.now.replace(month=12, day=2))
     now = await api.get(f"/v1/coaches/{COACH}/events")
     assert now.json() == {"events": [], "next_before": None}
-    november = await api.get(f"/v1/coaches/{COACH}/events", params={"period": "2026-11"})
+    november = await api.get(f"/v1/coaches/{COACH}/events", params={"period": "2099-11"})
     assert [e["reservation_id"] for e in november.json()["events"]] == [r.json()["reservation_id"]]
 
 
 async def test_reading_events_creates_no_keys(api: httpx.AsyncClient, backend: AnyRedis) -> None:
     before = await backend.dbsize()
-    r = await api.get("/v1/coaches/never-seen/events", params={"period": "2026-10"})
+    r = await api.get("/v1/coaches/never-seen/events", params={"period": "2099-10"})
     assert r.json() == {"events": [], "next_before": None}
     r = await api.get("/v1/coaches/never-seen/events")
     assert r.json() == {"events": [], "next_before": None}
@@ -207,7 +207,7 @@ async def test_reading_events_creates_no_keys(api: httpx.AsyncClient, backend: A
         ("/v1/coaches/ok/events", {"limit": "501"}, "invalid_request"),
         ("/v1/coaches/ok/events", {"before": "0"}, "invalid_request"),
         ("/v1/coaches/ok/events", {"before": "x"}, "invalid_request"),
-        ("/v1/coaches/ok/events", {"period": "2026-13"}, "invalid_request"),
+        ("/v1/coaches/ok/events", {"period": "2099-13"}, "invalid_request"),
         ("/v1/coaches/ok/events", {"period": "november"}, "invalid_request"),
     ],
 )

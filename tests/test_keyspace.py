@@ -56,8 +56,8 @@ def assert_well_formed(name: str, coach_id: str) -> None:
     st.lists(periods, min_size=1, max_size=4),
     st.lists(st.tuples(principals, idempotency_keys), max_size=4),
 )
-@example("a", [Period(2026, 11)], [("open", "{a}:2026-11:account")])
-@example("a" * 128, [Period(2026, 12)], [("", "} {")])
+@example("a", [Period(2099, 11)], [("open", "{a}:2099-11:account")])
+@example("a" * 128, [Period(2099, 12)], [("", "} {")])
 def test_every_key_of_a_coach_is_tagged_and_in_one_slot(
     coach_id: str, coach_periods: list[Period], idem: list[tuple[str, str]]
 ) -> None:
@@ -70,11 +70,11 @@ def test_every_key_of_a_coach_is_tagged_and_in_one_slot(
 
 
 @given(coach_ids, periods, coach_ids, periods)
-@example("a", Period(2026, 11), "a:2026-11", Period(2026, 11))
-@example("a", Period(2026, 11), "a:2026-11", Period(2026, 12))
-@example("a", Period(2026, 11), "ab", Period(2026, 11))
-@example("a", Period(2026, 11), "a", Period(2026, 12))
-@example("a-1", Period(2026, 1), "a", Period(2026, 11))
+@example("a", Period(2099, 11), "a:2099-11", Period(2099, 11))
+@example("a", Period(2099, 11), "a:2099-11", Period(2099, 12))
+@example("a", Period(2099, 11), "ab", Period(2099, 11))
+@example("a", Period(2099, 11), "a", Period(2099, 12))
+@example("a-1", Period(2099, 1), "a", Period(2099, 11))
 def test_no_two_coaches_or_months_share_a_key(
     coach_a: str, period_a: Period, coach_b: str, period_b: Period
 ) -> None:
@@ -107,7 +107,7 @@ def test_idempotency_keys_are_scoped_to_principal_and_key(
 async def drive(coach_ids: list[str], keys: list[str]) -> list[str]:
     """Every operation that writes, for every coach, then every key name in the DB."""
     redis = fakeredis.FakeAsyncRedis(decode_responses=True)
-    clock = FrozenClock(datetime(2026, 11, 30, 23, 59, 0, tzinfo=UTC))
+    clock = FrozenClock(datetime(2099, 11, 30, 23, 59, 0, tzinfo=UTC))
     store = CreditStore(redis, clock=clock)
     try:
         for coach_id in coach_ids:
@@ -134,7 +134,7 @@ async def drive(coach_ids: list[str], keys: list[str]) -> list[str]:
     st.lists(coach_ids, min_size=1, max_size=3, unique=True),
     st.lists(idempotency_keys, min_size=1, max_size=3, unique=True),
 )
-@example(["a", "a:2026-11", "a:2026-12:account"], ["{evil}", "x:y z", "}{"])
+@example(["a", "a:2099-11", "a:2099-12:account"], ["{evil}", "x:y z", "}{"])
 def test_a_real_store_writes_only_tagged_keys(coach_ids: list[str], keys: list[str]) -> None:
     names = asyncio.run(drive(coach_ids, keys))
     # The data-set epoch is the one key that belongs to no coach.

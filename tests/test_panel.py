@@ -40,7 +40,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 
-NOW = datetime(2026, 11, 14, 12, 0, 0, tzinfo=UTC)
+NOW = datetime(2099, 11, 14, 12, 0, 0, tzinfo=UTC)
 NOW_ENV = "PANEL_TEST_NOW"
 WORKER_KEY = "panel-test-worker-key-0123456789"
 ALLOWANCE = 50
