@@ -163,6 +163,10 @@ class SeedResult:
     steps: list[str] = field(default_factory=list)
     violation: str | None = None
     seconds: float = 0.0
+    #: Requests whose fate the caller could not know, and how many of those Redis had
+    #: in fact applied (found by the retry or by reading the coach's holds).
+    unknown: int = 0
+    unknown_applied: int = 0
 
     def report(self) -> str:
         lines = [f"seed {self.seed}: {self.violation}"]
@@ -393,6 +397,7 @@ class SeedRun:
 
     async def settle_request(self, request: Request, result: Any) -> None:
         ambiguous = result is UNKNOWN
+        self.result.unknown += ambiguous
         now = self.clock()
         if request.op == "reserve":
             decision = self.model.reserve(
@@ -471,6 +476,7 @@ class SeedRun:
         # Held now, or (when the first attempt's fate was unknown) held by that attempt
         # and merely replayed here: either way exactly one hold.
         check(created or may_have_applied, f"{what}: replayed a hold nobody made")
+        self.result.unknown_applied += not created
         ref = self.model.bind(decision, rid)
         self.learn(ref)
         self.check_reservation(res, ref)
@@ -502,6 +508,7 @@ class SeedRun:
         )
         ref = self.model.bind(decision, str(ReservationId(request.coach, period, token)))
         self.learn(ref)
+        self.result.unknown_applied += 1
         self.log(f"  (unanswered reserve was applied: {self.names[ref.rid]}, state {state})")
 
     async def hash_of(self, key: str) -> dict[str, str]:
@@ -678,6 +685,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(r.report())
     elapsed = time.perf_counter() - started
     print(f"seeds run: {len(results)}, violations found: {len(failed)} ({elapsed:.1f} s)")
+    steps = sum(len(r.steps) for r in results)
+    unknown = sum(r.unknown for r in results)
+    applied = sum(r.unknown_applied for r in results)
+    print(f"steps: {steps}, requests of unknown fate: {unknown}, of which applied: {applied}")
     return 1 if failed else 0
 
 

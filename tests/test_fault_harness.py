@@ -23,8 +23,15 @@ async def test_no_seed_breaks_an_invariant(tmp_path: Path) -> None:
     assert len(results) == len(CI_SEEDS)
     failed = [r.report() for r in results if r.violation]
     assert not failed, "\n\n".join(failed)
-    # The steps really ran: every seed logged its steps.
+    # The steps and the faults really ran, and some requests of unknown fate had in
+    # fact been applied, so the retry-to-resolve path was exercised both ways.
     assert all(len(r.steps) >= 40 for r in results)
+    steps = [s for r in results for s in r.steps]
+    for fault in ("restart", "kill+start", "fault=pause-long", "fault=flush-during", "drop="):
+        assert any(fault in s for s in steps), fault
+    unknown = sum(r.unknown for r in results)
+    applied = sum(r.unknown_applied for r in results)
+    assert 0 < applied < unknown
 
 
 class ForgetfulStore(CreditStore):
