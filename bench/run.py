@@ -275,59 +275,27 @@ async def bench_python(report: Report, redis: RedisServer, load: Load) -> None:
     space = 1_000_000
     bare = pooled(redis.url(DB_SCRATCH))
     sha = await bare.script_load(MINIMAL_SCRIPT)
+    storage: Any = storage_from_string(f"async+redis://127.0.0.1:{redis.port}/{DB_SCRATCH}")
+    limiter = FixedWindowRateLimiter(storage)
+    item = RateLimitItemPerMonth(ALLOWANCE)
+    client = connect(Settings(redis_url=redis.url(DB_SERVICE)))
+    store = CreditStore(client)
+    await store.ensure_scripts()
+    reserve_sha = store.scripts["reserve"].sha
+    commit_sha = store.scripts["commit"].sha
 
     async def bare_call(i: int) -> object:
         return await bare.evalsha(sha, 1, f"bare:{{c{random.randrange(space)}}}", 1, ALLOWANCE)
 
-    bare_rate = report.add(
-        "peer",
-        "redis-py EVALSHA minimal script (bare client)",
-        await run_tasks(n, bare_call),
-        "calls/s",
-        "64 tasks, uvloop",
-    )
-    await bare.flushdb()
-    await bare.aclose()
-
-    storage: Any = storage_from_string(f"async+redis://127.0.0.1:{redis.port}/{DB_SCRATCH}")
-    limiter = FixedWindowRateLimiter(storage)
-    item = RateLimitItemPerMonth(ALLOWANCE)
-
     async def limits_hit(i: int) -> object:
         return await limiter.hit(item, f"c{random.randrange(space)}", cost=1)
-
-    peer_rate = report.add(
-        "peer",
-        "limits FixedWindowRateLimiter.hit (async+redis)",
-        await run_tasks(n, limits_hit),
-        "calls/s",
-        "64 tasks, uvloop",
-    )
-    await storage.reset()
-
-    client = connect(Settings(redis_url=redis.url(DB_SERVICE)))
-    store = CreditStore(client)
-    await store.ensure_scripts()
 
     async def cycle(i: int) -> object:
         reservation, _ = await store.reserve(f"store-{random.randrange(space)}", "checkin_draft")
         return await store.commit(str(reservation.reservation_id))
 
-    cycles = await run_tasks(n // 2, cycle)
-    report.add(
-        "service",
-        "store reserve->commit cycles (CreditStore, Python)",
-        cycles,
-        "cycles/s",
-        "64 tasks, uvloop; 2 script calls each",
-    )
-    store_rate = report.add("service", "store script calls", cycles * 2, "calls/s")
-
     # Like for like: the same client settings and the same two scripts with the same
     # KEYS/ARGV, called straight through redis-py: what the store adds is its own work.
-    reserve_sha = store.scripts["reserve"].sha
-    commit_sha = store.scripts["commit"].sha
-
     async def bare_cycle(i: int) -> object:
         now = datetime.now(UTC)
         coach = f"bare-{random.randrange(space)}"
@@ -338,17 +306,56 @@ async def bench_python(report: Report, redis: RedisServer, load: Load) -> None:
         release = [str(domain.to_ms(now)), token, "100", "10000"]
         return await client.evalsha(commit_sha, 3, *args[:3], *release)
 
+    # Interleaved rounds, best of each: a neighbour's burst during one run then costs
+    # that run, not the comparison. Rates are script calls per second.
+    runs: list[tuple[str, Callable[[int], Awaitable[object]], int, int]] = [
+        ("bare", bare_call, n, 1),
+        ("limits", limits_hit, n, 1),
+        ("store", cycle, n // 2, 2),
+        ("same", bare_cycle, n // 2, 2),
+    ]
+    best: dict[str, float] = {}
+    for _ in range(1 if report.quick else 2):
+        for name, op, count, calls in runs:
+            best[name] = max(best.get(name, 0.0), await run_tasks(count, op) * calls)
+    await bare.flushdb()
+    await bare.aclose()
+    await storage.reset()
+    await client.aclose()
+
+    rounds = "best of 2 interleaved rounds" if not report.quick else "1 round"
+    bare_rate = report.add(
+        "peer",
+        "redis-py EVALSHA minimal script (bare client)",
+        best["bare"],
+        "calls/s",
+        f"64 tasks, uvloop; {rounds}",
+    )
+    peer_rate = report.add(
+        "peer",
+        "limits FixedWindowRateLimiter.hit (async+redis)",
+        best["limits"],
+        "calls/s",
+        "64 tasks, uvloop",
+    )
+    report.add(
+        "service",
+        "store reserve->commit cycles (CreditStore, Python)",
+        best["store"] / 2,
+        "cycles/s",
+        "64 tasks, uvloop; 2 script calls each",
+    )
+    store_rate = report.add("service", "store script calls", best["store"], "calls/s")
     same_rate = report.add(
         "peer",
         "redis-py EVALSHA reserve.lua + commit.lua (service's client)",
-        await run_tasks(n // 2, bare_cycle) * 2,
+        best["same"],
         "calls/s",
         "same KEYS/ARGV as the store, no store code",
     )
     report.target("store calls vs bare EVALSHA of the same scripts", store_rate / same_rate, 0.9)
     report.target("store calls vs bare EVALSHA of the minimal script", store_rate / bare_rate, 0.9)
     report.target("store calls vs limits hits", store_rate / peer_rate, 1.0)
-    await client.aclose()
 
 
 # --- HTTP: the floor and this service under wrk ----------------------------------------
