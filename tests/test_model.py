@@ -30,6 +30,7 @@ from redis.asyncio import Redis
 
 from app.domain import Period, Reservation, ReservationId, Status, from_ms
 from app.errors import (
+    CreditsError,
     CreditsExhausted,
     IdempotencyKeyReused,
     ReservationCommitted,
@@ -37,10 +38,10 @@ from app.errors import (
     ReservationNotFound,
     ReservationRefunded,
 )
-from app.store import AnyRedis, CreditStore, period_keys
+from app.store import AnyRedis, CreditStore, ReserveItem, SettleAction, period_keys
 from tests.conftest import FrozenClock
 from tests.redis_procs import RedisProcess
-from tests.reference import Kind, Ledger, RefReservation, Settle
+from tests.reference import Decision, Kind, Ledger, RefReservation, Settle
 
 T = TypeVar("T")
 
@@ -111,6 +112,10 @@ class LedgerMachine(RuleBasedStateMachine):
             coach, feature, now, ttl_seconds=ttl, idempotency_key=key, principal=principal
         )
         outcome = self.run(self.attempt(coach, feature, ttl, key, principal))
+        return self.compare_reserve(decision, outcome)
+
+    def compare_reserve(self, decision: Decision, outcome: object) -> list[str]:
+        """Check one reserve outcome against the model's decision, and record a new hold."""
         if isinstance(outcome, CreditsExhausted):
             assert decision.kind is Kind.EXHAUSTED, decision
             assert decision.counters is not None
@@ -120,7 +125,9 @@ class LedgerMachine(RuleBasedStateMachine):
         if isinstance(outcome, IdempotencyKeyReused):
             assert decision.kind is Kind.REUSED, decision
             return []
+        assert isinstance(outcome, tuple), outcome
         res, created = outcome
+        assert isinstance(res, Reservation)
         if decision.kind is Kind.HELD:
             assert created, res
             ref = self.model.bind(decision, str(res.reservation_id))
@@ -131,6 +138,26 @@ class LedgerMachine(RuleBasedStateMachine):
         assert not created
         self.check_same(res, decision.earlier)
         return []
+
+    def compare_settle(self, action: str, rid: str, outcome: object) -> None:
+        step = self.model.commit if action == "commit" else self.model.refund
+        expected, ref = step(rid, self.clock())
+        assert ref is not None
+        errors = {
+            Settle.REFUNDED: ReservationRefunded,
+            Settle.EXPIRED: ReservationExpired,
+            Settle.COMMITTED: ReservationCommitted,
+        }
+        if expected in errors:
+            assert isinstance(outcome, errors[expected]), (action, expected, outcome)
+            return
+        assert expected is Settle.OK, (expected, ref)
+        assert isinstance(outcome, Reservation), (action, outcome)
+        if action == "commit":
+            assert outcome.status is Status.COMMITTED
+        else:
+            assert outcome.status in (Status.REFUNDED, Status.EXPIRED)
+        self.check_same(outcome, ref)
 
     # --- rules --------------------------------------------------------------------------
 
@@ -153,35 +180,64 @@ class LedgerMachine(RuleBasedStateMachine):
             return multiple()
         return multiple(*self.do_reserve(*self.last_reserve))
 
+    async def settle(self, action: str, rid: str) -> Reservation | CreditsError:
+        try:
+            return await (self.store.commit(rid) if action == "commit" else self.store.refund(rid))
+        except CreditsError as exc:
+            return exc
+
     @rule(rid=reservations, twice=st.booleans())
     def commit(self, rid: str, twice: bool) -> None:
         for _ in range(2 if twice else 1):
-            outcome, ref = self.model.commit(rid, self.clock())
-            assert ref is not None
-            try:
-                res = self.run(self.store.commit(rid))
-            except ReservationRefunded:
-                assert outcome is Settle.REFUNDED
-            except ReservationExpired:
-                assert outcome is Settle.EXPIRED
-            else:
-                assert outcome is Settle.OK, (outcome, ref)
-                assert res.status is Status.COMMITTED
-                self.check_same(res, ref)
+            self.compare_settle("commit", rid, self.run(self.settle("commit", rid)))
 
     @rule(rid=reservations, twice=st.booleans())
     def refund(self, rid: str, twice: bool) -> None:
         for _ in range(2 if twice else 1):
-            outcome, ref = self.model.refund(rid, self.clock())
-            assert ref is not None
-            try:
-                res = self.run(self.store.refund(rid))
-            except ReservationCommitted:
-                assert outcome is Settle.COMMITTED
-            else:
-                assert outcome is Settle.OK, (outcome, ref)
-                assert res.status in (Status.REFUNDED, Status.EXPIRED)
-                self.check_same(res, ref)
+            self.compare_settle("refund", rid, self.run(self.settle("refund", rid)))
+
+    @rule(
+        target=reservations,
+        items=st.lists(
+            st.tuples(
+                st.sampled_from(COACHES),
+                st.sampled_from(FEATURES),
+                st.integers(1, 3600),
+                st.none() | st.sampled_from(KEYS),
+            ),
+            min_size=1,
+            max_size=5,
+        ),
+        principal=st.sampled_from(PRINCIPALS),
+    )
+    def reserve_many(self, items: list[tuple[str, str, int, str | None]], principal: str) -> Any:
+        """The batch route: items run in order, each on its own, as if sent one by one."""
+        batch = [ReserveItem(c, f, ttl, key) for c, f, ttl, key in items]
+        outcomes = self.run(self.store.reserve_many(batch, principal=principal))
+        assert len(outcomes) == len(items)
+        made: list[str] = []
+        for (coach, feature, ttl, key), outcome in zip(items, outcomes, strict=True):
+            decision = self.model.reserve(
+                coach,
+                feature,
+                self.clock(),
+                ttl_seconds=ttl,
+                idempotency_key=key,
+                principal=principal,
+            )
+            made += self.compare_reserve(decision, outcome)
+        return multiple(*made)
+
+    @rule(
+        items=st.lists(
+            st.tuples(reservations, st.sampled_from(["commit", "refund"])), min_size=1, max_size=5
+        )
+    )
+    def settle_many(self, items: list[tuple[str, SettleAction]]) -> None:
+        outcomes = self.run(self.store.settle_many(items))
+        assert len(outcomes) == len(items)
+        for (rid, action), outcome in zip(items, outcomes, strict=True):
+            self.compare_settle(action, rid, outcome)
 
     @rule(rid=reservations)
     def get_reservation(self, rid: str) -> None:
