@@ -35,8 +35,6 @@ from app.store import ReserveItem
 router = APIRouter()
 
 
-
-
 def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ProblemOut, "content": {"application/problem+json": {}}} for s in statuses}
 
