@@ -687,19 +687,19 @@ class CreditStore:
 
         async def pipelined() -> list[Any]:
             assert isinstance(self.redis, Redis)
-            async with self.redis.pipeline(transaction=False) as pipe:
+            # One MULTI/EXEC that loads the scripts it runs: no SCRIPT FLUSH can land
+            # between two calls, so none meets NOSCRIPT. Re-running a call that had, after
+            # later calls on its coach had run, broke the order (a refund could beat the
+            # commit sent before it).
+            names = list(dict.fromkeys(name for name, _, _ in calls))
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for name in names:
+                    pipe.script_load(_source(self.scripts[name]))
                 for name, keys, args in calls:
-                    await self.scripts[name](keys=keys, args=args, client=pipe)
-                raw = list(await pipe.execute(raise_on_error=False))
-            for i, reply in enumerate(raw):
-                if isinstance(reply, redis_errors.NoScriptError):
-                    # A script flush landed between the pipeline loading the scripts and
-                    # this call: it never ran, so running it once more, with its source,
-                    # cannot apply it twice (only its order against later calls shifts).
-                    name, keys, args = calls[i]
-                    source = str(self.scripts[name].script)
-                    raw[i] = await self.redis.eval(source, len(keys), *keys, *args)
-                elif isinstance(reply, Exception):
+                    pipe.evalsha(self.scripts[name].sha, len(keys), *keys, *args)
+                raw = list(await pipe.execute(raise_on_error=False))[len(names) :]
+            for reply in raw:
+                if isinstance(reply, Exception):
                     raise reply
             return raw
 

@@ -26,7 +26,7 @@ from app.errors import (
     ReservationCommitted,
     ReservationRefunded,
 )
-from app.store import CreditStore, period_keys
+from app.store import CreditStore, SettleAction, period_keys
 from tests.conftest import FrozenClock
 from tests.redis_procs import RedisProcess
 
@@ -281,3 +281,48 @@ async def test_script_flush_storm_loses_no_call_and_no_credit(
         assert await raw_counters(redis, c) == (committed[c], 0)
         usage = await store.usage(c)
         assert (usage.used, usage.held) == (committed[c], 0)
+
+
+async def test_batch_settlements_keep_request_order_through_a_script_flush_storm(
+    store: CreditStore, redis: Redis, redis_server: RedisProcess
+) -> None:
+    """[commit X, refund X] in one batch must commit X: the refund comes second. While
+    other clients flush and reload scripts, a call that met NOSCRIPT must not end up
+    running after a later call on the same coach."""
+    admin = Redis.from_url(redis_server.url, decode_responses=True)
+    done = asyncio.Event()
+
+    async def flusher() -> None:
+        while not done.is_set():
+            await admin.script_flush()
+            await asyncio.sleep(0)
+
+    async def reloader() -> None:
+        # Single calls reload whatever scripts they find missing, between the flushes.
+        while not done.is_set():
+            await store.usage(coach())
+            await asyncio.sleep(0)
+
+    out_of_order = 0
+    tasks = [asyncio.create_task(flusher()), asyncio.create_task(reloader())]
+    try:
+        for _ in range(15):
+            coaches = [coach() for _ in range(20)]
+            held = await asyncio.gather(
+                *(store.reserve(c, "checkin_draft") for c in coaches for _ in range(8))
+            )
+            batches: dict[str, list[tuple[str, SettleAction]]] = {c: [] for c in coaches}
+            for res, _ in held:
+                rid = str(res.reservation_id)
+                batches[res.reservation_id.coach_id] += [(rid, "commit"), (rid, "refund")]
+            outcomes = await asyncio.gather(*(store.settle_many(b) for b in batches.values()))
+            for out in outcomes:
+                for first, second in zip(out[::2], out[1::2], strict=True):
+                    committed = isinstance(first, Reservation) and first.status is Status.COMMITTED
+                    if not (committed and isinstance(second, ReservationCommitted)):
+                        out_of_order += 1
+    finally:
+        done.set()
+        await asyncio.gather(*tasks)
+        await admin.aclose()
+    assert out_of_order == 0
