@@ -2,8 +2,9 @@
 model after every step.
 
 Per seed, ``random.Random(seed)`` drives a sequence of steps over a handful of coaches:
-batches of reserve / commit / refund / read requests (the requests of one batch touch
-distinct coaches and run concurrently), retries of earlier requests (same
+batches of reserve / commit / refund / read requests and of the batch calls
+reserve_many / settle_many (the requests of one batch touch distinct coaches and run
+concurrently), retries of earlier requests (same
 Idempotency-Key, same reservation id), clock moves (small ticks, past expiries, onto
 month and year ends) and faults:
 
@@ -76,7 +77,7 @@ from app.errors import (
     ReservationRefunded,
 )
 from app.main import connect
-from app.store import AnyRedis, CreditStore, period_keys
+from app.store import AnyRedis, CreditStore, ReserveItem, SettleAction, period_keys
 from tests.conftest import FrozenClock
 from tests.redis_procs import RedisProcess
 from tests.reference import Decision, Kind, Ledger, RefReservation, Settle
@@ -85,6 +86,7 @@ ALLOWANCE: Final = 50
 FEATURES: Final = ("checkin_draft", "trend_analysis")
 TTLS: Final = (2, 30, 60, 300, 3600)
 PRINCIPALS: Final = ("", "svc-b")
+SETTLE_ACTIONS: Final[tuple[SettleAction, ...]] = ("commit", "refund")
 #: The client's socket timeout; the long pause outlasts it, the short one does not.
 SOCKET_TIMEOUT: Final = 0.15
 SHORT_PAUSE_MS: Final = 50
@@ -132,6 +134,10 @@ class Request:
     principal: str = ""
     rid: str = ""
     coaches: tuple[str, ...] = ()
+    #: For reserve_many: (feature, ttl, key) per item, all for ``coach``.
+    reserves: tuple[tuple[str, int, str], ...] = ()
+    #: For settle_many: (reservation id, "commit" or "refund") per item.
+    settles: tuple[tuple[str, SettleAction], ...] = ()
     #: None: delivered; "before": lost on the way; "after": applied, reply lost.
     drop: str | None = None
 
@@ -144,6 +150,12 @@ class Request:
             parts.append(names.get(self.rid, "res?"))
         elif self.op == "usage":
             parts.append(self.coach)
+        elif self.op == "reserve_many":
+            parts.append(self.coach)
+            parts.append(",".join(f"{f}/{ttl}/{key}" for f, ttl, key in self.reserves))
+            parts.append(f"principal={self.principal or '-'}")
+        elif self.op == "settle_many":
+            parts.append(",".join(f"{a} {names.get(rid, 'res?')}" for rid, a in self.settles))
         else:
             parts.append(",".join(self.coaches))
         if self.drop:
@@ -309,10 +321,24 @@ class SeedRun:
                 principal=self.rng.choice(PRINCIPALS),
                 drop=drop,
             )
+        if roll < 0.56:
+            # A batch caller that may retry sends keys, so every item can be replayed.
+            reserves = tuple(
+                (self.rng.choice(FEATURES), self.rng.choice(TTLS), f"k{self.rng.randrange(6)}")
+                for _ in range(self.rng.randint(1, 4))
+            )
+            principal = self.rng.choice(PRINCIPALS)
+            return Request("reserve_many", coach, reserves=reserves, principal=principal, drop=drop)
+        if roll < 0.62:
+            settles = tuple(
+                (self.rng.choice(mine).rid, self.rng.choice(SETTLE_ACTIONS))
+                for _ in range(self.rng.randint(1, 4))
+            )
+            return Request("settle_many", coach, settles=settles, drop=drop)
         rid = self.rng.choice(mine).rid
-        if roll < 0.72:
+        if roll < 0.76:
             return Request("commit", coach, rid=rid, drop=drop)
-        if roll < 0.86:
+        if roll < 0.88:
             return Request("refund", coach, rid=rid, drop=drop)
         if roll < 0.92:
             return Request("get", coach, rid=rid, drop=drop)
@@ -343,9 +369,7 @@ class SeedRun:
         results = await asyncio.gather(*calls)
         for request, result in zip(batch, results, strict=True):
             await self.settle_request(request, result)
-            if request.op in ("reserve", "commit", "refund") and (
-                request.key is not None or request.op != "reserve"
-            ):
+            if request.op != "reserve" or request.key is not None:
                 self.history.append(replace(request, drop=None))
 
     async def send(self, request: Request) -> Any:
@@ -379,6 +403,13 @@ class SeedRun:
                 return await s.get_reservation(request.rid)
             case "usage":
                 return await s.usage(request.coach)
+            case "reserve_many":
+                items = [
+                    ReserveItem(request.coach, f, ttl, key) for f, ttl, key in request.reserves
+                ]
+                return await s.reserve_many(items, principal=request.principal)
+            case "settle_many":
+                return await s.settle_many(list(request.settles))
             case _:
                 return await s.usage_many(list(request.coaches))
 
@@ -418,27 +449,34 @@ class SeedRun:
         if ambiguous:
             result = await self.definite(request)
         if request.op in ("commit", "refund"):
-            step = self.model.commit if request.op == "commit" else self.model.refund
-            outcome, ref = step(request.rid, now)
-            check(ref is not None, "settling a reservation the model never saw")
-            assert ref is not None
-            expected_error = {
-                Settle.REFUNDED: ReservationRefunded,
-                Settle.EXPIRED: ReservationExpired,
-                Settle.COMMITTED: ReservationCommitted,
-                Settle.NOT_FOUND: ReservationNotFound,
-            }.get(outcome)
-            if expected_error is not None:
-                check(
-                    isinstance(result, expected_error),
-                    f"{request.op} {self.names[ref.rid]}: want {outcome}, got {result!r}",
+            self.check_settle(request.op, request.rid, result)
+        elif request.op == "reserve_many":
+            check(
+                isinstance(result, list) and len(result) == len(request.reserves),
+                f"reserve_many: got {result!r}",
+            )
+            # Items run in order, each as if sent alone; after a retry, an item the first
+            # attempt applied comes back as a replay of its key.
+            for (feature, ttl, key), outcome in zip(request.reserves, result, strict=True):
+                item = replace(request, op="reserve", feature=feature, ttl=ttl, key=key)
+                decision = self.model.reserve(
+                    request.coach,
+                    feature,
+                    now,
+                    ttl_seconds=ttl,
+                    idempotency_key=key,
+                    principal=request.principal,
                 )
-            else:
-                check(
-                    isinstance(result, Reservation),
-                    f"{request.op} {self.names[ref.rid]}: want ok, got {result!r}",
+                self.check_reserve(
+                    item, decision, outcome, may_have_applied=ambiguous, snapshot=not ambiguous
                 )
-                self.check_reservation(result, ref)
+        elif request.op == "settle_many":
+            check(
+                isinstance(result, list) and len(result) == len(request.settles),
+                f"settle_many: got {result!r}",
+            )
+            for (rid, action), outcome in zip(request.settles, result, strict=True):
+                self.check_settle(action, rid, outcome, snapshot=not ambiguous)
         elif request.op == "get":
             ref = self.model.get(request.rid)
             assert ref is not None
@@ -450,8 +488,34 @@ class SeedRun:
             for usage in usages:
                 self.check_usage(usage)
 
+    def check_settle(self, op: str, rid: str, result: Any, *, snapshot: bool = True) -> None:
+        step = self.model.commit if op == "commit" else self.model.refund
+        outcome, ref = step(rid, self.clock())
+        check(ref is not None, "settling a reservation the model never saw")
+        assert ref is not None
+        expected_error = {
+            Settle.REFUNDED: ReservationRefunded,
+            Settle.EXPIRED: ReservationExpired,
+            Settle.COMMITTED: ReservationCommitted,
+            Settle.NOT_FOUND: ReservationNotFound,
+        }.get(outcome)
+        name = self.names[ref.rid]
+        if expected_error is not None:
+            check(
+                isinstance(result, expected_error), f"{op} {name}: want {outcome}, got {result!r}"
+            )
+            return
+        check(isinstance(result, Reservation), f"{op} {name}: want ok, got {result!r}")
+        self.check_reservation(result, ref, snapshot=snapshot)
+
     def check_reserve(
-        self, request: Request, decision: Decision, result: Any, *, may_have_applied: bool
+        self,
+        request: Request,
+        decision: Decision,
+        result: Any,
+        *,
+        may_have_applied: bool,
+        snapshot: bool = True,
     ) -> None:
         what = f"reserve {request.coach} {request.feature} key={request.key}"
         if decision.kind is Kind.EXHAUSTED:
@@ -469,7 +533,7 @@ class SeedRun:
         if decision.kind is Kind.REPLAY:
             check(not created, f"{what}: a replay held again")
             assert decision.earlier is not None
-            self.check_reservation(res, decision.earlier)
+            self.check_reservation(res, decision.earlier, snapshot=snapshot)
             return
         known = self.model.get(rid)
         check(known is None, f"{what}: a new hold reuses {self.names.get(rid)}")
@@ -479,7 +543,7 @@ class SeedRun:
         self.result.unknown_applied += not created
         ref = self.model.bind(decision, rid)
         self.learn(ref)
-        self.check_reservation(res, ref)
+        self.check_reservation(res, ref, snapshot=snapshot)
 
     async def adopt_orphan(self, request: Request, kind: Kind) -> None:
         """A keyless reserve of unknown fate: read what Redis holds for the coach."""
@@ -528,7 +592,12 @@ class SeedRun:
                 check(time.monotonic() < deadline, f"redis never came back: {exc}")
                 await asyncio.sleep(0.02)
 
-    def check_reservation(self, res: Reservation, ref: RefReservation) -> None:
+    def check_reservation(
+        self, res: Reservation, ref: RefReservation, *, snapshot: bool = True
+    ) -> None:
+        """``snapshot``: also compare the counters the reply carries. Not for the items of
+        a retried batch: each item's reply then shows the whole first attempt's effect,
+        while the model applies them one by one (the audit checks the counters after)."""
         now = self.clock()
         name = self.names.get(ref.rid, ref.rid)
         check(str(res.reservation_id) == ref.rid, f"{name}: id differs")
@@ -537,6 +606,8 @@ class SeedRun:
             (res.feature, res.cost, res.expires_at) == (ref.feature, ref.cost, ref.expires_at),
             f"{name}: feature, cost or expiry differs",
         )
+        if not snapshot:
+            return
         want = self.model.counters(ref.coach_id, ref.period, now)
         check(
             (res.usage.used, res.usage.held) == (want.used, want.held),

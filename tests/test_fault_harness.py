@@ -27,8 +27,10 @@ async def test_no_seed_breaks_an_invariant(tmp_path: Path) -> None:
     # fact been applied, so the retry-to-resolve path was exercised both ways.
     assert all(len(r.steps) >= 40 for r in results)
     steps = [s for r in results for s in r.steps]
-    for fault in ("restart", "kill+start", "fault=pause-long", "fault=flush-during", "drop="):
-        assert any(fault in s for s in steps), fault
+    kinds = ["restart", "kill+start", "fault=pause-long", "fault=flush-during", "drop="]
+    kinds += ["fault=kill-during", "reserve_many", "settle_many", "clock year-end"]
+    for kind in kinds:
+        assert any(kind in s for s in steps), kind
     unknown = sum(r.unknown for r in results)
     applied = sum(r.unknown_applied for r in results)
     assert 0 < applied < unknown
