@@ -210,6 +210,9 @@ def _human_duration(seconds: int) -> str:
 # --- reservation ids -------------------------------------------------------------
 
 _TOKEN_BYTES: Final = 16  # 128 random bits
+#: The whole id in one match (``[0-9]`` is ASCII only): 16 bytes are 22 base64url
+#: characters unpadded, and no part holds a dot, so it splits into exactly three parts.
+_ID_RE: Final = re.compile(r"([A-Za-z0-9_-]+)\.([0-9]{4})([0-9]{2})\.([A-Za-z0-9_-]{22})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,27 +234,26 @@ class ReservationId:
 
     @classmethod
     def parse(cls, text: str) -> ReservationId | None:
-        parts = text.split(".")
-        if len(parts) != 3 or len(text) > 256:
+        match = _ID_RE.fullmatch(text) if len(text) <= 256 else None
+        if match is None:
             return None
-        raw_coach, raw_period, token = parts
+        raw_coach, raw_year, raw_month, token = match.groups()
+        year, month = int(raw_year), int(raw_month)
+        if not 1 <= month <= 12 or year < 1970:
+            return None
         try:
-            coach_id = _b64decode(raw_coach).decode("ascii")
-            token_bytes = _b64decode(token)
+            # The pattern admits only the alphabet; a length that cannot be base64 fails.
+            coach_id = base64.urlsafe_b64decode(raw_coach + "=" * (-len(raw_coach) % 4))
+            token_bytes = base64.urlsafe_b64decode(token + "==")
+            coach = coach_id.decode("ascii")
         except (ValueError, UnicodeDecodeError):
             return None
-        if not is_valid_coach_id(coach_id) or len(token_bytes) != _TOKEN_BYTES:
-            return None
-        if len(raw_period) != 6 or not raw_period.isdigit():
-            return None
-        try:
-            period = Period.parse(f"{raw_period[:4]}-{raw_period[4:]}")
-        except ValueError:
+        if not is_valid_coach_id(coach):
             return None
         # Reject non-canonical encodings so one hold has exactly one id.
-        if _b64encode(token_bytes) != token or _b64encode(coach_id.encode()) != raw_coach:
+        if _b64encode(token_bytes) != token or _b64encode(coach_id) != raw_coach:
             return None
-        return cls(coach_id, period, token)
+        return cls(coach, Period(year, month), token)
 
     def __str__(self) -> str:
         return (

@@ -143,10 +143,7 @@ class Reply(NamedTuple):
 def decode_reply(raw: Sequence[Any]) -> Reply:
     """Every script answers ``{status, used, held, token, state, cost, expires_ms,
     feature, extra, swept}``; this is the one place that reads that shape."""
-
-    def text(v: Any) -> str:
-        return v.decode() if isinstance(v, bytes) else str(v)
-
+    text = _text
     return Reply(
         text(raw[0]),
         int(raw[1]),
@@ -159,6 +156,14 @@ def decode_reply(raw: Sequence[Any]) -> Reply:
         text(raw[8]),
         int(raw[9]),
     )
+
+
+class _PeriodInfo(NamedTuple):
+    """What every call in one month passes along, worked out once per month."""
+
+    period: Period
+    text: str
+    keys_expire_ms: int
 
 
 class _ReserveCall(NamedTuple):
@@ -240,6 +245,14 @@ class CreditStore:
         }
         # Serialises reloads, so a burst of NOSCRIPT replies loads (and counts) each once.
         self._reload_lock = asyncio.Lock()
+        # Metric children looked up once each: ``.labels(...)`` validates the labels and
+        # takes a lock, several times per call otherwise. Bound on first use, so /metrics
+        # still lists a series only once it has happened.
+        self._children: dict[tuple[str, ...], Any] = {}
+        self._periods: dict[tuple[int, int], _PeriodInfo] = {}
+        # A usage's feature list depends only on the credits left: one shared tuple per
+        # level instead of new objects per call (they are frozen).
+        self._features: dict[int, tuple[domain.FeatureAvailability, ...]] = {}
         #: The data-set epoch last seen in INSTANCE_KEY; None until the first check.
         self.instance_epoch: str | None = None
 
@@ -271,11 +284,34 @@ class CreditStore:
             # source cannot meet NOSCRIPT again, even if another flush comes between.
             await self.ensure_scripts()
             raw = await self._guard(self.redis.eval(_source(script), len(keys), *keys, *args))
-        self.metrics.redis_latency.labels(name).observe(time.perf_counter() - started)
+        self._child("redis_latency", name).observe(time.perf_counter() - started)
         reply = decode_reply(raw)
         if reply.swept:
-            self.metrics.credits.labels("expired").inc(reply.swept)
+            self._child("credits", "expired").inc(reply.swept)
         return reply
+
+    def _child(self, metric: str, *labels: str) -> Any:
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = getattr(self.metrics, metric).labels(*labels)
+            if len(self._children) < 1024:  # features come from Redis replies too
+                self._children[key] = child
+        return child
+
+    def _count(self, feature: str, outcome: str) -> None:
+        self._child("reservations", feature, outcome).inc()
+
+    def _period_info(self, now: datetime) -> _PeriodInfo:
+        utc = now if now.tzinfo is UTC else now.astimezone(UTC)
+        info = self._periods.get((utc.year, utc.month))
+        if info is None:
+            period = Period(utc.year, utc.month)
+            info = _PeriodInfo(period, str(period), domain.to_ms(period.keys_expire_at))
+            if len(self._periods) > 64:  # a frozen or travelling clock in tests
+                self._periods.clear()
+            self._periods[(utc.year, utc.month)] = info
+        return info
 
     async def ensure_scripts(self) -> None:
         """Load any script Redis has forgotten (a restart, a flush, a new primary)."""
@@ -351,14 +387,20 @@ class CreditStore:
             )
 
     def _usage(self, coach_id: str, period: Period, used: int, held: int) -> Usage:
-        return Usage.of(
-            coach_id,
-            period,
-            allowance=self.allowance,
-            used=used,
-            held=held,
-            costs=self.feature_costs,
-        )
+        left = domain.remaining(self.allowance, used, held)
+        features = self._features.get(left)
+        if features is None:
+            features = Usage.of(
+                coach_id,
+                period,
+                allowance=self.allowance,
+                used=used,
+                held=held,
+                costs=self.feature_costs,
+            ).features
+            if len(self._features) < 4096:
+                self._features[left] = features
+        return Usage(coach_id, period, self.allowance, used, held, features)
 
     def _reservation(self, rid: ReservationId, reply: Reply) -> Reservation:
         return Reservation(
@@ -399,10 +441,10 @@ class CreditStore:
         cost = self.cost_of(feature)
         ttl = self.default_ttl_seconds if ttl_seconds is None else ttl_seconds
         now = self.clock()
-        period = Period.containing(now)
-        rid = ReservationId.new(coach_id, period)
-        keys = period_keys(coach_id, period)
-        key_list = [keys.account, keys.holds, keys.events]
+        info = self._period_info(now)
+        rid = ReservationId.new(coach_id, info.period)
+        base = f"{KEY_PREFIX}:{{{coach_id}}}:{info.text}"  # as period_keys names them
+        key_list = [f"{base}:account", f"{base}:holds", f"{base}:events"]
         if idempotency_key is not None:
             key_list.append(idempotency_key_name(coach_id, principal, idempotency_key))
         now_ms = domain.to_ms(now)
@@ -413,9 +455,9 @@ class CreditStore:
             cost,
             now_ms + ttl * 1000,
             self.allowance,
-            domain.to_ms(period.keys_expire_at),
+            info.keys_expire_ms,
             IDEMPOTENCY_TTL_SECONDS * 1000,
-            str(period),
+            info.text,
             self.release_batch,
             self.events_max,
         ]
@@ -425,7 +467,7 @@ class CreditStore:
         rid, feature, cost = call.rid, call.feature, call.cost
         coach_id, period = rid.coach_id, rid.period
         if reply.status == "OK":
-            self.metrics.reservations.labels(feature, "held").inc()
+            self._count(feature, "held")
             return self._reservation(rid, reply), True
         if reply.status == "REPLAY":
             return self._reservation(ReservationId(coach_id, period, reply.token), reply), False
@@ -438,8 +480,8 @@ class CreditStore:
                 "use a new key for a different request."
             )
         if reply.status == "EXHAUSTED":
-            self.metrics.reservations.labels(feature, "exhausted").inc()
-            self.metrics.exhausted.labels(feature).inc()
+            self._count(feature, "exhausted")
+            self._child("exhausted", feature).inc()
             raise self._exhausted(feature, cost, period, call.now, reply)
         raise RuntimeError(f"unexpected reserve reply {reply.status!r}")
 
@@ -494,32 +536,32 @@ class CreditStore:
 
     def _settle_call(self, reservation_id: str) -> tuple[ReservationId, list[str], list[Any]]:
         rid = self._parse_id(reservation_id)
-        keys = period_keys(rid.coach_id, rid.period)
+        period = rid.period
+        base = f"{KEY_PREFIX}:{{{rid.coach_id}}}:{period.year:04d}-{period.month:02d}"
         return (
             rid,
-            [keys.account, keys.holds, keys.events],
+            [f"{base}:account", f"{base}:holds", f"{base}:events"],  # as period_keys does
             [domain.to_ms(self.clock()), rid.token, self.release_batch, self.events_max],
         )
 
     def _settle_outcome(self, script: str, rid: ReservationId, reply: Reply) -> Reservation:
-        reservation_id = str(rid)
         match reply.status:
             case "OK":
                 reservation = self._reservation(rid, reply)
                 if reply.extra != "again":
                     outcome = reservation.status.value
-                    self.metrics.reservations.labels(reply.feature, outcome).inc()
+                    self._count(reply.feature, outcome)
                     if reservation.status is not Status.EXPIRED:  # counted when swept
-                        self.metrics.credits.labels(outcome).inc(reply.cost)
+                        self._child("credits", outcome).inc(reply.cost)
                 return reservation
             case "NOT_FOUND":
-                raise ReservationNotFound(reservation_id)
+                raise ReservationNotFound(str(rid))
             case "REFUNDED":
-                raise ReservationRefunded(reservation_id)
+                raise ReservationRefunded(str(rid))
             case "EXPIRED":
-                raise ReservationExpired(reservation_id)
+                raise ReservationExpired(str(rid))
             case "COMMITTED":
-                raise ReservationCommitted(reservation_id)
+                raise ReservationCommitted(str(rid))
         raise RuntimeError(f"unexpected {script} reply {reply.status!r}")
 
     async def commit(self, reservation_id: str) -> Reservation:
@@ -615,7 +657,7 @@ class CreditStore:
         """A read-only script whose reply carries rows after the status array."""
         started = time.perf_counter()
         raw = await self._guard(self.scripts[name](keys=list(keys), args=list(args)))
-        self.metrics.redis_latency.labels(name).observe(time.perf_counter() - started)
+        self._child("redis_latency", name).observe(time.perf_counter() - started)
         return raw
 
     # --- batches -----------------------------------------------------------------------
@@ -724,11 +766,11 @@ class CreditStore:
         raw = await self._guard(
             per_coach() if isinstance(self.redis, RedisCluster) else pipelined()
         )
-        self.metrics.redis_latency.labels("batch").observe(time.perf_counter() - started)
+        self._child("redis_latency", "batch").observe(time.perf_counter() - started)
         replies = [decode_reply(r) for r in raw]
         swept = sum(r.swept for r in replies)
         if swept:
-            self.metrics.credits.labels("expired").inc(swept)
+            self._child("credits", "expired").inc(swept)
         return replies
 
 
@@ -746,6 +788,9 @@ def _check_batch_item(item: ReserveItem) -> None:
 
 
 def _text(v: Any) -> str:
+    # The service's clients decode replies already: the common case is one type check.
+    if type(v) is str:
+        return v
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
