@@ -58,6 +58,10 @@ class KeyRing:
 # Dependencies are async on purpose: FastAPI runs a plain ``def`` dependency in a worker
 # thread, a hop per dependency per request that costs more than the work inside.
 async def get_store(request: Request) -> CreditStore:
+    return store_of(request)
+
+
+def store_of(request: Request) -> CreditStore:
     store: CreditStore = request.app.state.store
     return store
 
