@@ -78,3 +78,33 @@ local function touch(expire_at, ...)
     redis.call('PEXPIREAT', key, expire_at)
   end
 end
+
+-- The prologue commit and refund share: the hold's state once this call has released
+-- lapsed holds, its own included. Returns nil, writing nothing, for an unknown token.
+local function settle_target(account, holds, events, events_max, now, token, batch)
+  local rec = redis.call('HGET', account, 'r:' .. token)
+  if not rec then
+    return nil
+  end
+  local prior = parse_record(rec)
+  release_lapsed(account, holds, events, events_max, now, batch)
+  local state, cost, expires, feature = parse_record(redis.call('HGET', account, 'r:' .. token))
+  if state == 'h' and expires <= now then
+    expire_hold(account, holds, events, events_max, token, cost, expires, feature)
+    state = 'e'
+  end
+  return prior, state, cost, expires, feature
+end
+
+-- A live hold leaves the holds, settled as `state` (c or r) and logged as `kind`.
+local function settle_hold(account, holds, events, events_max, now, token, cost, expires, feature, state, kind)
+  redis.call('HSET', account, 'r:' .. token, record(state, cost, expires, feature))
+  redis.call('HINCRBY', account, 'held', -cost)
+  redis.call('ZREM', holds, token .. ':' .. cost)
+  log_event(account, events, events_max, now, kind, token, feature, cost)
+end
+
+local function settle_reply(account, outcome, token, state, cost, expires, feature, again)
+  local used, held = unpack(redis.call('HMGET', account, 'used', 'held'))
+  return {outcome, num(used), num(held), token, state, cost, expires, feature, again and 'again' or '', swept}
+end

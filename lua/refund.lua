@@ -14,27 +14,17 @@ local account, holds, events = KEYS[1], KEYS[2], KEYS[3]
 local now, token = tonumber(ARGV[1]), ARGV[2]
 local batch, events_max = tonumber(ARGV[3]), tonumber(ARGV[4])
 
-local rec = redis.call('HGET', account, 'r:' .. token)
-if not rec then
+local prior, state, cost, expires, feature =
+  settle_target(account, holds, events, events_max, now, token, batch)
+if not prior then
   return {'NOT_FOUND', 0, 0, token, '', 0, 0, '', '', swept}
 end
-local prior = parse_record(rec)
-release_lapsed(account, holds, events, events_max, now, batch)
-local state, cost, expires, feature = parse_record(redis.call('HGET', account, 'r:' .. token))
 
-local outcome, extra = 'OK', (prior ~= 'h') and 'again' or ''
-if state == 'h' and expires <= now then
-  expire_hold(account, holds, events, events_max, token, cost, expires, feature)
-  state = 'e'
-end
+local outcome = 'OK'
 if state == 'h' then
-  redis.call('HSET', account, 'r:' .. token, record('r', cost, expires, feature))
-  redis.call('HINCRBY', account, 'held', -cost)
-  redis.call('ZREM', holds, token .. ':' .. cost)
-  log_event(account, events, events_max, now, 'refunded', token, feature, cost)
+  settle_hold(account, holds, events, events_max, now, token, cost, expires, feature, 'r', 'refunded')
   state = 'r'
 elseif state == 'c' then
   outcome = 'COMMITTED'
 end
-local used, held = unpack(redis.call('HMGET', account, 'used', 'held'))
-return {outcome, num(used), num(held), token, state, cost, expires, feature, extra, swept}
+return settle_reply(account, outcome, token, state, cost, expires, feature, prior ~= 'h')
