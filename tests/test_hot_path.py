@@ -93,3 +93,34 @@ async def test_store_round_trips_over_packed_connections(redis_server: RedisProc
     finally:
         await client.flushall()
         await client.aclose()
+
+
+async def test_reserve_and_commit_skip_the_parameter_machinery(
+    api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A valid reserve and any commit are answered without resolving parameters; other
+    requests still get the standard handling (and its exact error wording)."""
+    import fastapi.routing
+
+    solved: list[object] = []
+    original = fastapi.routing.solve_dependencies  # type: ignore[attr-defined]
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        solved.append(kwargs.get("dependant"))
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(fastapi.routing, "solve_dependencies", counting)
+    made = await api.post(
+        "/v1/coaches/fast/reservations",
+        json={"feature": "checkin_draft"},
+        headers={"Idempotency-Key": "fast-1"},
+    )
+    assert made.status_code == 201, made.text
+    done = await api.post(f"/v1/reservations/{made.json()['reservation_id']}/commit")
+    assert done.status_code == 200, done.text
+    assert "·" in done.text  # non-ASCII stays as is
+    assert solved == []
+    bad = await api.post("/v1/coaches/fast/reservations", json={"feature": 3})
+    assert bad.status_code == 422
+    assert "body.feature: Input should be a valid string" in bad.json()["detail"]
+    assert len(solved) == 1

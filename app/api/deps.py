@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -71,23 +70,37 @@ async def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
-def require(*scopes: Scope) -> Callable[[Request], Awaitable[Principal]]:
-    """A dependency that admits keys holding any of ``scopes`` (admin always passes)."""
-    allowed = frozenset((*scopes, Scope.ADMIN))
-    names = " or ".join(s.value for s in scopes)
+class Access:
+    """A dependency that admits keys holding any of its scopes (admin always passes).
 
-    async def check(request: Request) -> Principal:
-        keyring: KeyRing = request.app.state.keyring
-        principal = keyring.authenticate(request.headers.get("authorization"))
-        if not principal.scopes & allowed:
-            raise Forbidden(f"This API key lacks the {names} scope needed here.")
+    ``admit`` is the check itself, for routes that read the header without FastAPI's
+    parameter machinery (see ``app.api.fast``)."""
+
+    def __init__(self, *scopes: Scope) -> None:
+        self.allowed = frozenset((*scopes, Scope.ADMIN))
+        self.names = " or ".join(s.value for s in scopes)
+
+    def admit(self, keyring: KeyRing, authorization: str | None) -> Principal:
+        if keyring.open:  # open mode: nothing to compare, every scope is held
+            return OPEN_PRINCIPAL
+        principal = keyring.authenticate(authorization)
+        if not principal.scopes & self.allowed:
+            raise Forbidden(f"This API key lacks the {self.names} scope needed here.")
         return principal
 
-    return check
+    async def __call__(self, request: Request) -> Principal:
+        return self.admit(request.app.state.keyring, request.headers.get("authorization"))
 
+
+def require(*scopes: Scope) -> Access:
+    """A dependency that admits keys holding any of ``scopes`` (admin always passes)."""
+    return Access(*scopes)
+
+
+WORKER_ACCESS = require(Scope.WORKER)
 
 StoreDep = Annotated[CreditStore, Depends(get_store)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-Worker = Annotated[Principal, Depends(require(Scope.WORKER))]
+Worker = Annotated[Principal, Depends(WORKER_ACCESS)]
 Reader = Annotated[Principal, Depends(require(Scope.READER))]
 AnyScope = Annotated[Principal, Depends(require(Scope.WORKER, Scope.READER))]

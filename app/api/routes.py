@@ -8,10 +8,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Header, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.responses import Response
 
 from app import domain
 from app.api import paths  # noqa: F401  (registers the {coach_id:coach_id} path type)
-from app.api.deps import AnyScope, MetricsDep, Reader, StoreDep, Worker, store_of
+from app.api.deps import WORKER_ACCESS, AnyScope, MetricsDep, Reader, StoreDep, Worker, store_of
+from app.api.fast import FastJSONResponse, FastRoute, header, served_by
 from app.api.problems import problem_body
 from app.api.schemas import (
     BatchReserveOut,
@@ -32,13 +35,14 @@ from app.api.schemas import (
 from app.errors import CreditsError, InvalidRequest
 from app.store import ReserveItem
 
-router = APIRouter()
+router = APIRouter(route_class=FastRoute)
 
 # The credit routes take the store from the request (``store_of``) instead of as a
 # dependency: FastAPI resolves each dependency with its full parameter machinery, a
 # noticeable share of a request's CPU, and the store needs none of it. A ``Request``
 # parameter leaves the OpenAPI schema as it was, and the access check stays the one
-# dependency, so it still answers before the body is looked at.
+# dependency, so it still answers before the body is looked at. Reserve and commit go
+# further and are served by ``app.api.fast`` (see there) with the same answers.
 
 
 def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -66,6 +70,46 @@ async def list_features(request: Request, _: AnyScope) -> JSONResponse:
     )
 
 
+async def _reserve(
+    request: Request, coach_id: str, body: ReserveRequest, key_id: str, idempotency_key: str | None
+) -> Response:
+    if idempotency_key is not None and not domain.is_valid_idempotency_key(idempotency_key):
+        raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters.")
+    reservation, created = await store_of(request).reserve(
+        coach_id,
+        body.feature,
+        ttl_seconds=body.ttl_seconds,
+        idempotency_key=idempotency_key,
+        principal=key_id,
+    )
+    return FastJSONResponse(reservation_json(reservation), status_code=201 if created else 200)
+
+
+async def _reserve_fast(request: Request) -> Response | None:
+    # Only a plain JSON body that validates is served here; anything else (a body that
+    # is not JSON, fails the schema or comes as another content type) takes the standard
+    # path, which answers it exactly as before. In that order too: a body that is not
+    # JSON at all is refused before the key is looked at, a valid one after.
+    if header(request, b"content-type") != "application/json":
+        return None
+    try:
+        raw = await request.body()
+    except Exception:  # a failed read: the standard path answers it as before
+        return None
+    try:
+        body = ReserveRequest.model_validate_json(raw)
+    except ValidationError:
+        return None
+    principal = WORKER_ACCESS.admit(request.app.state.keyring, header(request, b"authorization"))
+    return await _reserve(
+        request,
+        request.path_params["coach_id"],
+        body,
+        principal.key_id,
+        header(request, b"idempotency-key"),
+    )
+
+
 @router.post(
     "/v1/coaches/{coach_id:coach_id}/reservations",
     status_code=201,
@@ -76,6 +120,7 @@ async def list_features(request: Request, _: AnyScope) -> JSONResponse:
     },
     tags=["reservations"],
 )
+@served_by(_reserve_fast)
 async def reserve(
     coach_id: str,
     body: ReserveRequest,
@@ -90,17 +135,8 @@ async def reserve(
             json_schema_extra={"pattern": "^[\\x20-\\x7e]{1,255}$"},
         ),
     ] = None,
-) -> JSONResponse:
-    if idempotency_key is not None and not domain.is_valid_idempotency_key(idempotency_key):
-        raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters.")
-    reservation, created = await store_of(request).reserve(
-        coach_id,
-        body.feature,
-        ttl_seconds=body.ttl_seconds,
-        idempotency_key=idempotency_key,
-        principal=principal.key_id,
-    )
-    return JSONResponse(reservation_json(reservation), status_code=201 if created else 200)
+) -> Response:
+    return await _reserve(request, coach_id, body, principal.key_id, idempotency_key)
 
 
 @router.get(
@@ -113,14 +149,21 @@ async def get_reservation(reservation_id: str, request: Request, _: Worker) -> J
     return JSONResponse(reservation_json(await store_of(request).get_reservation(reservation_id)))
 
 
+async def _commit_fast(request: Request) -> Response:
+    WORKER_ACCESS.admit(request.app.state.keyring, header(request, b"authorization"))
+    reservation = await store_of(request).commit(request.path_params["reservation_id"])
+    return FastJSONResponse(reservation_json(reservation))
+
+
 @router.post(
     "/v1/reservations/{reservation_id}/commit",
     response_model=ReservationOut,
     responses=_problems(404, 409, 422, *_AUTH),
     tags=["reservations"],
 )
-async def commit(reservation_id: str, request: Request, _: Worker) -> JSONResponse:
-    return JSONResponse(reservation_json(await store_of(request).commit(reservation_id)))
+@served_by(_commit_fast)
+async def commit(reservation_id: str, request: Request, _: Worker) -> Response:
+    return FastJSONResponse(reservation_json(await store_of(request).commit(reservation_id)))
 
 
 @router.post(
