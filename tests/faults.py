@@ -52,6 +52,7 @@ import argparse
 import asyncio
 import logging
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -243,7 +244,12 @@ class SeedRun:
         except Exception as exc:  # anything else escaping the service is a bug too
             self.result.violation = f"unexpected {type(exc).__name__}: {exc}"
         finally:
-            await self.admin.client_unpause()
+            try:
+                # The admin connection may be stale after a restart; leave no pause behind.
+                await self.wait_for_redis()
+                await self.admin.client_unpause()
+            except Exception as exc:
+                self.result.violation = self.result.violation or f"cleanup failed: {exc!r}"
             await self.redis.aclose()
             await self.admin.aclose()
             self.result.seconds = time.perf_counter() - started
@@ -382,6 +388,11 @@ class SeedRun:
             return UNKNOWN
         except CreditsError as exc:
             result = exc
+        if isinstance(result, list) and any(isinstance(r, BackendUnavailable) for r in result):
+            # A batch answers per item, and an item can meet an outage of its own (a
+            # replay from another period reads that period afterwards): its fate is
+            # unknown, so the batch is retried like any request of unknown fate.
+            return UNKNOWN
         return UNKNOWN if request.drop == "after" else result
 
     async def call(self, request: Request) -> Any:
@@ -739,6 +750,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Every injected outage makes the store warn; the summary is what matters here.
     logging.getLogger("credits").setLevel(logging.ERROR)
+    # Stopped with SIGTERM, still unwind, so the private redis-server is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     seeds = [args.seed] if args.seed is not None else range(args.start, args.start + args.seeds)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="credits-faults-") as tmp:
