@@ -207,7 +207,7 @@ class SeedRun:
         self.rng = random.Random(seed)
         self.n_steps = steps
         self.coaches = [f"c{seed}-{i}" for i in range(coaches)]
-        start = datetime(2027 + self.rng.randrange(2), self.rng.randint(1, 12), 1, tzinfo=UTC)
+        start = datetime(2427 + self.rng.randrange(2), self.rng.randint(1, 12), 1, tzinfo=UTC)
         self.clock = FrozenClock(start + timedelta(seconds=self.rng.randrange(28 * 86400)))
         self.model = Ledger(allowance=ALLOWANCE)
         self.store_factory = store_factory

@@ -33,7 +33,7 @@ from tests.redis_procs import RedisProcess
 pytestmark = pytest.mark.real_redis
 
 ALLOWANCE = 50
-NOW = datetime(2027, 3, 14, 12, 0, tzinfo=UTC)
+NOW = datetime(2427, 3, 14, 12, 0, tzinfo=UTC)
 
 
 def coach() -> str:

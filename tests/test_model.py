@@ -52,7 +52,7 @@ KEYS = ("k1", "k2", "k3")
 PRINCIPALS = ("", "svc-b")
 #: Late in the year, so a few month jumps reach December to January; in the future, so
 #: the period keys' real expiry (derived from this clock) never removes them mid-test.
-START = datetime(2027, 10, 30, 9, 0, tzinfo=UTC)
+START = datetime(2427, 10, 30, 9, 0, tzinfo=UTC)
 
 _STATES = {"h": Status.HELD, "c": Status.COMMITTED, "r": Status.REFUNDED, "e": Status.EXPIRED}
 
