@@ -18,9 +18,10 @@ MAX_TTL_SECONDS: Final = 3600
 MIN_TTL_SECONDS: Final = 1
 DEFAULT_TTL_SECONDS: Final = 300
 
-#: Period keys live this long past ``resets_at``: at least the longest hold
-#: (so a hold made at 23:59:59 can still be settled) and well inside 40 days.
-KEY_GRACE_SECONDS: Final = 24 * 3600
+#: Period keys live this long past ``resets_at``: longer than the longest hold (so a
+#: hold made at 23:59:59 can still be settled), longer than an idempotency record (so a
+#: replay never finds a record whose reservation is gone), and well inside 40 days.
+KEY_GRACE_SECONDS: Final = 48 * 3600
 
 #: Idempotency records are kept this long (the contract asks for at least 24 hours).
 IDEMPOTENCY_TTL_SECONDS: Final = 25 * 3600

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from app import domain
 from app.domain import (
+    IDEMPOTENCY_TTL_SECONDS,
     MAX_TTL_SECONDS,
     FeatureAvailability,
     Level,
@@ -132,6 +133,14 @@ def test_resets_at_is_the_first_instant_of_the_next_month(
 def test_keys_outlive_the_longest_hold_and_expire_within_40_days(period: Period) -> None:
     assert period.keys_expire_at >= period.resets_at + timedelta(seconds=MAX_TTL_SECONDS)
     assert period.keys_expire_at <= period.resets_at + timedelta(days=40)
+
+
+@given(periods)
+def test_keys_outlive_every_idempotency_record_pointing_into_them(period: Period) -> None:
+    # A key replayed just before its record expires must still find its reservation;
+    # the latest record into a period is made at its last instant.
+    last_record_gone = period.resets_at + timedelta(seconds=IDEMPOTENCY_TTL_SECONDS)
+    assert period.keys_expire_at >= last_record_gone
 
 
 def test_month_name_and_human_reset() -> None:
