@@ -145,8 +145,9 @@ async def reserve(
     responses=_problems(404, 422, *_AUTH),
     tags=["reservations"],
 )
-async def get_reservation(reservation_id: str, request: Request, _: Worker) -> JSONResponse:
-    return JSONResponse(reservation_json(await store_of(request).get_reservation(reservation_id)))
+async def get_reservation(reservation_id: str, request: Request, _: Worker) -> Response:
+    reservation = await store_of(request).get_reservation(reservation_id)
+    return FastJSONResponse(reservation_json(reservation))
 
 
 async def _commit_fast(request: Request) -> Response:
@@ -172,8 +173,8 @@ async def commit(reservation_id: str, request: Request, _: Worker) -> Response:
     responses=_problems(404, 409, 422, *_AUTH),
     tags=["reservations"],
 )
-async def refund(reservation_id: str, request: Request, _: Worker) -> JSONResponse:
-    return JSONResponse(reservation_json(await store_of(request).refund(reservation_id)))
+async def refund(reservation_id: str, request: Request, _: Worker) -> Response:
+    return FastJSONResponse(reservation_json(await store_of(request).refund(reservation_id)))
 
 
 @router.post(
