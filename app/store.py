@@ -304,13 +304,16 @@ class CreditStore:
 
     def _period_info(self, now: datetime) -> _PeriodInfo:
         utc = now if now.tzinfo is UTC else now.astimezone(UTC)
-        info = self._periods.get((utc.year, utc.month))
+        return self._info_of(utc.year, utc.month)
+
+    def _info_of(self, year: int, month: int) -> _PeriodInfo:
+        info = self._periods.get((year, month))
         if info is None:
-            period = Period(utc.year, utc.month)
+            period = Period(year, month)
             info = _PeriodInfo(period, str(period), domain.to_ms(period.keys_expire_at))
             if len(self._periods) > 64:  # a frozen or travelling clock in tests
                 self._periods.clear()
-            self._periods[(utc.year, utc.month)] = info
+            self._periods[(year, month)] = info
         return info
 
     async def ensure_scripts(self) -> None:
@@ -541,7 +544,13 @@ class CreditStore:
         return (
             rid,
             [f"{base}:account", f"{base}:holds", f"{base}:events"],  # as period_keys does
-            [domain.to_ms(self.clock()), rid.token, self.release_batch, self.events_max],
+            [
+                domain.to_ms(self.clock()),
+                rid.token,
+                self.release_batch,
+                self.events_max,
+                self._info_of(period.year, period.month).keys_expire_ms,
+            ],
         )
 
     def _settle_outcome(self, script: str, rid: ReservationId, reply: Reply) -> Reservation:

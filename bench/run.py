@@ -303,7 +303,7 @@ async def bench_python(report: Report, redis: RedisServer, load: Load) -> None:
         token = os.urandom(16).hex()
         args = [a.replace("tok__rand_int__", token) for a in cmd[3:]]
         await client.evalsha(reserve_sha, 3, *args)
-        release = [str(domain.to_ms(now)), token, "100", "10000"]
+        release = [str(domain.to_ms(now)), token, "100", "10000", cmd[12]]
         return await client.evalsha(commit_sha, 3, *args[:3], *release)
 
     # Interleaved rounds, best of each: a neighbour's burst during one run then costs

@@ -2,15 +2,24 @@
 --
 -- Key layout for one coach and one period (all in the slot of the hash tag {coach}):
 --   account  HASH  used, held (credits), seq (last event number),
+--                  next (ms: no hold expires before it; absent when there are no holds),
 --                  r:<token> -> "<state>|<cost>|<expires_ms>|<feature>"
 --                  state: h held, c committed, r refunded, e expired
 --   holds    ZSET  "<token>:<cost>" scored by expires_ms, live holds only
 --   events   LIST  "<seq>|<ms>|<kind>|<token>|<feature>|<cost>", newest first, bounded
+--
+-- Every Redis command a script runs costs about as much as the script's own logic, so
+-- the common paths read the account in one HMGET and write it in one HSET, and `next`
+-- lets a call skip the holds entirely until some hold may have lapsed. Keys get their
+-- expiry when a call creates them; none is created any other way.
 
 local unpack = unpack or table.unpack
 
 -- Credits this call returned from lapsed holds; every reply carries it last.
 local swept = 0
+
+-- When the period's keys expire (ms since epoch); set by every script that writes.
+local keys_expire_at
 
 local function num(v)
   return tonumber(v) or 0
@@ -25,13 +34,35 @@ local function record(state, cost, expires, feature)
   return state .. '|' .. cost .. '|' .. expires .. '|' .. feature
 end
 
-local function log_event(account, events, events_max, ms, kind, token, feature, cost)
-  if events_max <= 0 then
-    return
+-- The account's counters: used, held, seq, next (nil without holds) and whether the
+-- hash exists (held is written with its first hold and never removed).
+local function counters(account)
+  local used, held, seq, nxt = unpack(redis.call('HMGET', account, 'used', 'held', 'seq', 'next'))
+  return num(used), num(held), num(seq), tonumber(nxt), held ~= false
+end
+
+-- Whether some hold may have lapsed by `now`. Held credits include lapsed holds not yet
+-- released, so none held means no holds at all, whatever `next` says. Without `next`
+-- but with credits held (an account written before `next` existed) the holds are
+-- looked at, which sets it.
+local function sweep_due(held, nxt, now)
+  return held > 0 and (nxt == nil or nxt <= now)
+end
+
+-- Pushes event number `seq` (already counted in the account's seq by the caller).
+local function push_event(events, events_max, seq, ms, kind, token, feature, cost)
+  local n = redis.call('LPUSH', events, seq .. '|' .. ms .. '|' .. kind .. '|' .. token .. '|' .. feature .. '|' .. cost)
+  if n == 1 then
+    redis.call('PEXPIREAT', events, keys_expire_at)
+  elseif n > events_max then
+    redis.call('LTRIM', events, 0, events_max - 1)
   end
-  local seq = redis.call('HINCRBY', account, 'seq', 1)
-  redis.call('LPUSH', events, seq .. '|' .. ms .. '|' .. kind .. '|' .. token .. '|' .. feature .. '|' .. cost)
-  redis.call('LTRIM', events, 0, events_max - 1)
+end
+
+local function log_event(account, events, events_max, ms, kind, token, feature, cost)
+  if events_max > 0 then
+    push_event(events, events_max, redis.call('HINCRBY', account, 'seq', 1), ms, kind, token, feature, cost)
+  end
 end
 
 -- Turns one lapsed hold into an expired reservation and returns its credits.
@@ -43,11 +74,14 @@ local function expire_hold(account, holds, events, events_max, token, cost, expi
   swept = swept + cost
 end
 
--- Releases at most `limit` holds whose expiry is at or before `now`.
--- Returns how many it released, so a caller can tell whether more may remain.
-local function release_lapsed(account, holds, events, events_max, now, limit)
-  local lapsed = redis.call('ZRANGEBYSCORE', holds, '-inf', now, 'LIMIT', 0, limit)
-  for _, member in ipairs(lapsed) do
+-- Releases at most `limit` holds whose expiry is at or before `now`, and moves `next`
+-- (now `nxt`) to the earliest hold left. Returns how many it released, so a caller can
+-- tell whether more may remain.
+local function release_lapsed(account, holds, events, events_max, now, limit, nxt)
+  local rows = redis.call('ZRANGE', holds, 0, limit, 'WITHSCORES')
+  local released, i = 0, 1
+  while rows[i] and released < limit and tonumber(rows[i + 1]) <= now do
+    local member = rows[i]
     local token = string.match(member, '^(.*):%d+$')
     local rec = redis.call('HGET', account, 'r:' .. token)
     local state, cost, expires, feature
@@ -59,13 +93,25 @@ local function release_lapsed(account, holds, events, events_max, now, limit)
     else
       redis.call('ZREM', holds, member)
     end
+    released = released + 1
+    i = i + 2
   end
-  return #lapsed
+  local earliest = tonumber(rows[i + 1])
+  if earliest ~= nxt then
+    if earliest then
+      redis.call('HSET', account, 'next', rows[i + 1])
+    else
+      redis.call('HDEL', account, 'next')
+    end
+  end
+  return released
 end
 
 -- Held credits as of `now` without writing anything: lapsed holds no longer count.
-local function effective_held(account, holds, now)
-  local held = num(redis.call('HGET', account, 'held'))
+local function effective_held(holds, now, held, nxt)
+  if not sweep_due(held, nxt, now) then
+    return held
+  end
   local lapsed = redis.call('ZRANGEBYSCORE', holds, '-inf', now)
   for _, member in ipairs(lapsed) do
     held = held - num(string.match(member, ':(%d+)$'))
@@ -73,38 +119,57 @@ local function effective_held(account, holds, now)
   return held
 end
 
-local function touch(expire_at, ...)
-  for _, key in ipairs({...}) do
-    redis.call('PEXPIREAT', key, expire_at)
-  end
-end
-
--- The prologue commit and refund share: the hold's state once this call has released
--- lapsed holds, its own included. Returns nil, writing nothing, for an unknown token.
+-- The prologue commit and refund share: the hold's record and the account's counters
+-- once this call has released lapsed holds, its own included. Returns nil, writing
+-- nothing, for an unknown token.
 local function settle_target(account, holds, events, events_max, now, token, batch)
-  local rec = redis.call('HGET', account, 'r:' .. token)
+  local field = 'r:' .. token
+  local rec, used, held, seq, nxt = unpack(redis.call('HMGET', account, field, 'used', 'held', 'seq', 'next'))
   if not rec then
     return nil
   end
   local prior = parse_record(rec)
-  release_lapsed(account, holds, events, events_max, now, batch)
-  local state, cost, expires, feature = parse_record(redis.call('HGET', account, 'r:' .. token))
+  used, held, seq, nxt = num(used), num(held), num(seq), tonumber(nxt)
+  if sweep_due(held, nxt, now) then
+    release_lapsed(account, holds, events, events_max, now, batch, nxt)
+    rec, held, seq = unpack(redis.call('HMGET', account, field, 'held', 'seq'))
+    held, seq = num(held), num(seq)
+  end
+  local state, cost, expires, feature = parse_record(rec)
   if state == 'h' and expires <= now then
     expire_hold(account, holds, events, events_max, token, cost, expires, feature)
-    state = 'e'
+    state, held = 'e', held - cost
+    if events_max > 0 then
+      seq = seq + 1
+    end
   end
-  return prior, state, cost, expires, feature
+  return {prior = prior, state = state, cost = cost, expires = expires, feature = feature,
+          used = used, held = held, seq = seq}
 end
 
--- A live hold leaves the holds, settled as `state` (c or r) and logged as `kind`.
-local function settle_hold(account, holds, events, events_max, now, token, cost, expires, feature, state, kind)
-  redis.call('HSET', account, 'r:' .. token, record(state, cost, expires, feature))
-  redis.call('HINCRBY', account, 'held', -cost)
-  redis.call('ZREM', holds, token .. ':' .. cost)
-  log_event(account, events, events_max, now, kind, token, feature, cost)
+-- A live hold leaves the holds, settled as `state` (c or r) and logged as `kind`; a
+-- commit also adds its cost to used. Updates `t` (from settle_target) to match.
+local function settle_hold(account, holds, events, events_max, now, token, t, state, kind)
+  t.held = t.held - t.cost
+  local fields = {'r:' .. token, record(state, t.cost, t.expires, t.feature), 'held', t.held}
+  if state == 'c' then
+    t.used = t.used + t.cost
+    fields[5], fields[6] = 'used', t.used
+  end
+  if events_max > 0 then
+    t.seq = t.seq + 1
+    local n = #fields
+    fields[n + 1], fields[n + 2] = 'seq', t.seq
+  end
+  redis.call('HSET', account, unpack(fields))
+  redis.call('ZREM', holds, token .. ':' .. t.cost)
+  if events_max > 0 then
+    push_event(events, events_max, t.seq, now, kind, token, t.feature, t.cost)
+  end
+  t.state = state
 end
 
-local function settle_reply(account, outcome, token, state, cost, expires, feature, again)
-  local used, held = unpack(redis.call('HMGET', account, 'used', 'held'))
-  return {outcome, num(used), num(held), token, state, cost, expires, feature, again and 'again' or '', swept}
+local function settle_reply(outcome, token, t)
+  local again = t.prior ~= 'h' and 'again' or ''
+  return {outcome, t.used, t.held, token, t.state, t.cost, t.expires, t.feature, again, swept}
 end

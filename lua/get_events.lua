@@ -15,8 +15,8 @@
 local account, holds, events = KEYS[1], KEYS[2], KEYS[3]
 local now, before, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 
-local used = num(redis.call('HGET', account, 'used'))
-local reply = {'OK', used, effective_held(account, holds, now), '', '', 0, 0, '', '', swept}
+local used, held, _, nxt = counters(account)
+local reply = {'OK', used, effective_held(holds, now, held, nxt), '', '', 0, 0, '', '', swept}
 
 local head = redis.call('LINDEX', events, 0)
 if not head then

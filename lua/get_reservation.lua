@@ -10,7 +10,7 @@
 local account, holds = KEYS[1], KEYS[2]
 local now, token = tonumber(ARGV[1]), ARGV[2]
 
-local rec = redis.call('HGET', account, 'r:' .. token)
+local rec, used, held, nxt = unpack(redis.call('HMGET', account, 'r:' .. token, 'used', 'held', 'next'))
 if not rec then
   return {'NOT_FOUND', 0, 0, token, '', 0, 0, '', '', swept}
 end
@@ -18,5 +18,4 @@ local state, cost, expires, feature = parse_record(rec)
 if state == 'h' and expires <= now then
   state = 'e'
 end
-local used = num(redis.call('HGET', account, 'used'))
-return {'OK', used, effective_held(account, holds, now), token, state, cost, expires, feature, '', swept}
+return {'OK', num(used), effective_held(holds, now, num(held), tonumber(nxt)), token, state, cost, expires, feature, '', swept}

@@ -8,5 +8,5 @@
 --   OK   used and held credits; holds past their expiry no longer count as held
 local account, holds = KEYS[1], KEYS[2]
 local now = tonumber(ARGV[1])
-local used = num(redis.call('HGET', account, 'used'))
-return {'OK', used, effective_held(account, holds, now), '', '', 0, 0, '', '', swept}
+local used, held, _, nxt = counters(account)
+return {'OK', used, effective_held(holds, now, held, nxt), '', '', 0, 0, '', '', swept}

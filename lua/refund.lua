@@ -3,6 +3,7 @@
 -- KEYS[1] account hash     KEYS[2] holds zset     KEYS[3] events list
 -- ARGV[1] now (ms since epoch)   ARGV[2] token of the hold
 -- ARGV[3] lapsed holds released per call   ARGV[4] events kept per period
+-- ARGV[5] period keys expire at (ms)
 --
 -- Reply: {status, used, held, token, state, cost, expires_ms, feature, extra, swept}
 --   swept: credits this call returned from lapsed holds (their expiry)
@@ -13,18 +14,17 @@
 local account, holds, events = KEYS[1], KEYS[2], KEYS[3]
 local now, token = tonumber(ARGV[1]), ARGV[2]
 local batch, events_max = tonumber(ARGV[3]), tonumber(ARGV[4])
+keys_expire_at = ARGV[5]
 
-local prior, state, cost, expires, feature =
-  settle_target(account, holds, events, events_max, now, token, batch)
-if not prior then
+local t = settle_target(account, holds, events, events_max, now, token, batch)
+if not t then
   return {'NOT_FOUND', 0, 0, token, '', 0, 0, '', '', swept}
 end
 
 local outcome = 'OK'
-if state == 'h' then
-  settle_hold(account, holds, events, events_max, now, token, cost, expires, feature, 'r', 'refunded')
-  state = 'r'
-elseif state == 'c' then
+if t.state == 'h' then
+  settle_hold(account, holds, events, events_max, now, token, t, 'r', 'refunded')
+elseif t.state == 'c' then
   outcome = 'COMMITTED'
 end
-return settle_reply(account, outcome, token, state, cost, expires, feature, prior ~= 'h')
+return settle_reply(outcome, token, t)

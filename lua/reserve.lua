@@ -20,10 +20,15 @@ local account, holds, events, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
 local token, feature, cost = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local expires, allowance = tonumber(ARGV[5]), tonumber(ARGV[6])
-local keys_expire_at, idem_ttl, period = ARGV[7], ARGV[8], ARGV[9]
+local idem_ttl, period = ARGV[8], ARGV[9]
 local batch, events_max = tonumber(ARGV[10]), tonumber(ARGV[11])
+keys_expire_at = ARGV[7]
 
-release_lapsed(account, holds, events, events_max, now, batch)
+local used, held, seq, nxt, exists = counters(account)
+if sweep_due(held, nxt, now) then
+  release_lapsed(account, holds, events, events_max, now, batch, nxt)
+  used, held, seq, nxt, exists = counters(account)
+end
 
 if idem then
   local seen = redis.call('GET', idem)
@@ -40,21 +45,19 @@ if idem then
       local state, c, e, f = parse_record(rec)
       if state == 'h' and e <= now then
         expire_hold(account, holds, events, events_max, seen_token, c, e, f)
-        state = 'e'
+        state, held = 'e', held - c
       end
-      local u, h = unpack(redis.call('HMGET', account, 'used', 'held'))
-      return {'REPLAY', num(u), num(h), seen_token, state, c, e, f, '', swept}
+      return {'REPLAY', used, held, seen_token, state, c, e, f, '', swept}
     end
     -- The record is gone with its period: fall through and hold afresh.
   end
 end
 
-local used, held = unpack(redis.call('HMGET', account, 'used', 'held'))
-used, held = num(used), num(held)
 if used + held + cost > allowance then
   -- Only near exhaustion is it worth releasing beyond one batch: a refusal must be real.
-  while used + held + cost > allowance and release_lapsed(account, holds, events, events_max, now, batch) > 0 do
-    held = num(redis.call('HGET', account, 'held'))
+  while used + held + cost > allowance and sweep_due(held, nxt, now)
+    and release_lapsed(account, holds, events, events_max, now, batch, nxt) > 0 do
+    used, held, seq, nxt, exists = counters(account)
   end
   if used + held + cost > allowance then
     local first = redis.call('ZRANGE', holds, 0, 0, 'WITHSCORES')
@@ -62,12 +65,28 @@ if used + held + cost > allowance then
   end
 end
 
-redis.call('HSET', account, 'r:' .. token, record('h', cost, expires, feature))
-held = redis.call('HINCRBY', account, 'held', cost)
+-- The hold, the new counters, `next` and the event number in one write.
+local fields = {'r:' .. token, record('h', cost, expires, feature), 'held', held + cost}
+if held == 0 or not nxt or expires < nxt then
+  fields[5], fields[6] = 'next', expires
+end
+if events_max > 0 then
+  local n = #fields
+  fields[n + 1], fields[n + 2] = 'seq', seq + 1
+end
+redis.call('HSET', account, unpack(fields))
 redis.call('ZADD', holds, expires, token .. ':' .. cost)
-log_event(account, events, events_max, now, 'held', token, feature, cost)
-touch(keys_expire_at, account, holds, events)
+if not exists then
+  redis.call('PEXPIREAT', account, keys_expire_at)
+end
+if held == 0 or not nxt then
+  -- No credits held (or no `next`): the holds were empty, so ZADD just created them.
+  redis.call('PEXPIREAT', holds, keys_expire_at)
+end
+if events_max > 0 then
+  push_event(events, events_max, seq + 1, now, 'held', token, feature, cost)
+end
 if idem then
   redis.call('SET', idem, feature .. '|' .. period .. '|' .. token, 'PX', idem_ttl)
 end
-return {'OK', used, held, token, 'h', cost, expires, feature, '', swept}
+return {'OK', used, held + cost, token, 'h', cost, expires, feature, '', swept}

@@ -383,6 +383,66 @@ async def test_every_key_written_expires(
         assert await r.pexpiretime(key) > 0, key
 
 
+async def test_keys_emptied_and_made_again_expire_too(
+    store: CreditStore, backend: AnyRedis, clock: FrozenClock
+) -> None:
+    """A key gets its expiry from the call that creates it: the holds set is deleted when
+    its last hold goes and made again by the next reserve, and the event log can start
+    mid-month when the log is switched on."""
+    r: Any = backend
+    quiet = CreditStore(backend, events_max=0, clock=clock)
+    first, _ = await quiet.reserve(COACH, "checkin_draft", ttl_seconds=5)
+    assert {k.rsplit(":", 1)[1] for k in await coach_keys(backend, COACH)} == {"account", "holds"}
+    await store.commit(str(first.reservation_id))  # the log starts here; the holds go
+    assert {k.rsplit(":", 1)[1] for k in await coach_keys(backend, COACH)} == {"account", "events"}
+    clock.advance(10)  # past the committed hold's expiry: `next` is now stale
+    second, _ = await store.reserve(COACH, "trend_analysis", ttl_seconds=5)
+    clock.advance(10)
+    await store.reserve(COACH, "checkin_draft")  # sweeps the lapsed one, keeps the set
+    keys = await coach_keys(backend, COACH)
+    assert {k.rsplit(":", 1)[1] for k in keys} == {"account", "holds", "events"}
+    want = domain.to_ms(NOV.keys_expire_at)
+    for key in keys:
+        assert await r.pexpiretime(key) == want, key
+    assert (await store.get_reservation(str(second.reservation_id))).status is Status.EXPIRED
+    usage = await store.usage(COACH)
+    assert (usage.used, usage.held) == (1, 1)
+
+
+async def test_an_account_without_next_still_releases_its_lapsed_holds(
+    store: CreditStore, backend: AnyRedis, clock: FrozenClock
+) -> None:
+    """Accounts written before the earliest-expiry field existed lack it: their holds are
+    looked at on the next call, which releases what lapsed and sets the field."""
+    r: Any = backend
+    for _ in range(16):
+        await store.reserve(COACH, "trend_analysis", ttl_seconds=30)
+    account = f"credits:{{{COACH}}}:{NOV}:account"
+    assert await r.hdel(account, "next") == 1
+    clock.advance(31)
+    await store.reserve(COACH, "trend_analysis")  # would not fit if nothing were released
+    usage = await store.usage(COACH)
+    assert (usage.used, usage.held) == (0, 3)
+    assert int(await r.hget(account, "next")) == domain.to_ms(clock() + timedelta(minutes=5))
+
+
+async def test_usage_reads_see_lapsed_holds_whatever_next_says(
+    store: CreditStore, backend: AnyRedis, clock: FrozenClock
+) -> None:
+    """Reads skip the holds only while no hold can have lapsed."""
+    r: Any = backend
+    soon, _ = await store.reserve(COACH, "trend_analysis", ttl_seconds=10)
+    late, _ = await store.reserve(COACH, "checkin_draft", ttl_seconds=600)
+    assert (await store.usage(COACH)).held == 4
+    clock.advance(11)
+    assert (await store.usage(COACH)).held == 1
+    await store.refund(str(late.reservation_id))  # sweeps `soon`, then refunds `late`
+    assert (await store.usage(COACH)).held == 0
+    account = f"credits:{{{COACH}}}:{NOV}:account"
+    assert await r.hget(account, "held") == "0"
+    assert (await store.get_reservation(str(soon.reservation_id))).status is Status.EXPIRED
+
+
 # --- reading ---------------------------------------------------------------------------------
 
 
