@@ -18,8 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: Every measurement the run must report, by section and the start of its name.
 EXPECTED_ROWS = [
-    ("limit", "redis-benchmark EVALSHA minimal"),
-    ("limit", "redis-benchmark EVALSHA this service's reserve.lua"),
+    ("limit", "redis-benchmark EVALSHA minimal check-and-increment, new keys"),
+    ("limit", "redis-benchmark EVALSHA this service's reserve.lua, a coach's first call"),
+    ("limit", "redis-benchmark EVALSHA minimal check-and-increment, existing keys"),
+    ("limit", "redis-benchmark EVALSHA this service's reserve.lua, a coach's later calls"),
+    ("limit", "reserve.lua vs minimal script, first call of a coach-month"),
     ("peer", "redis-py EVALSHA"),
     ("peer", "limits FixedWindowRateLimiter"),
     ("peer", "redis-py EVALSHA reserve.lua + commit.lua"),
@@ -51,7 +54,7 @@ EXPECTED_ROWS = [
 ]
 
 EXPECTED_TARGETS = [
-    "reserve script vs minimal script (redis-benchmark)",
+    "reserve script vs minimal script (redis-benchmark, existing keys)",
     "store calls vs bare EVALSHA of the same scripts",
     "store calls vs bare EVALSHA of the minimal script",
     "store calls vs limits hits",
