@@ -15,10 +15,12 @@ from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
+from starlette.types import ASGIApp
 
 from app.api import panel, problems
 from app.api.deps import KeyRing
 from app.api.events import router as events_router
+from app.api.hot import HotRoutes, can_front
 from app.api.limits import BodySizeLimit
 from app.api.routes import router
 from app.config import Settings
@@ -44,6 +46,15 @@ class WaitingRedisCluster(RedisCluster):
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         async with self.permits:
             return await super().execute_command(*args, **kwargs)
+
+
+class CreditsAPI(FastAPI):
+    """The app, with reserve and commit answered in front of its middleware stack
+    wherever that gives the same answers (see ``app.api.hot``)."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        standard = super().build_middleware_stack()
+        return HotRoutes(self, standard) if can_front(self) else standard
 
 
 def connect(settings: Settings) -> AnyRedis:
@@ -132,7 +143,7 @@ def create_app(
             if redis is None:
                 await client.aclose()
 
-    app = FastAPI(
+    app = CreditsAPI(
         title="AI credits",
         version="1.0.0",
         summary="Monthly AI credits for coaches: reserve, commit on success, refund on failure.",
