@@ -22,10 +22,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import domain
 from app.api import schemas
+from app.api.deps import KeyRing
 from app.api.hot import HotRoutes
 from app.config import Scope as KeyScope
 from app.config import Settings
 from app.domain import Period
+from app.errors import Unauthorized
 from app.main import create_app
 from app.store import CreditStore
 from tests.conftest import FrozenClock
@@ -313,3 +315,14 @@ def test_front_stands_aside_where_it_would_answer_otherwise() -> None:
     handler.add_exception_handler(Exception, lambda request, exc: Response(status_code=500))
     for app in (gzip, debug, handler):
         assert not isinstance(app.build_middleware_stack(), HotRoutes)
+
+
+def test_admitted_keys_are_remembered_and_only_those() -> None:
+    ring = KeyRing({WORKER: [KeyScope.WORKER], READER: [KeyScope.READER]})
+    first = ring.authenticate(f"Bearer {WORKER}")
+    assert ring.authenticate(f"bearer  {WORKER} ") == first
+    assert ring.authenticate(f"Bearer {READER}").scopes == {KeyScope.READER}
+    for refused in (f"Bearer {WORKER}x", f"Bearer {WORKER[:-1]}", "Bearer nope", f"Basic {WORKER}"):
+        with pytest.raises(Unauthorized):
+            ring.authenticate(refused)
+    assert len(ring._admitted) == 2
