@@ -5,6 +5,7 @@ reply encoder's shortcuts read as the general formatting does."""
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from app.config import Scope as KeyScope
 from app.config import Settings
 from app.domain import Period
 from app.errors import Unauthorized
-from app.main import create_app
+from app.main import YOUNG_GENERATION_THRESHOLD, create_app
 from app.store import CreditStore
 from tests.conftest import FrozenClock
 
@@ -326,3 +327,10 @@ def test_admitted_keys_are_remembered_and_only_those() -> None:
         with pytest.raises(Unauthorized):
             ring.authenticate(refused)
     assert len(ring._admitted) == 2
+
+
+async def test_serving_settles_the_heap_once() -> None:
+    app = create_app(Settings(), redis=fakeredis.FakeAsyncRedis(decode_responses=True))
+    async with app.router.lifespan_context(app):
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold()[0] >= YOUNG_GENERATION_THRESHOLD
