@@ -22,14 +22,16 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import domain
-from app.api import schemas
+from app.api import problems, schemas
 from app.api.deps import KeyRing
 from app.api.hot import HotRoutes
+from app.api.limits import BodySizeLimit
+from app.api.routes import router
 from app.config import Scope as KeyScope
 from app.config import Settings
 from app.domain import Period
 from app.errors import Unauthorized
-from app.main import YOUNG_GENERATION_THRESHOLD, create_app
+from app.main import YOUNG_GENERATION_THRESHOLD, CreditsAPI, create_app
 from app.store import CreditStore
 from tests.conftest import FrozenClock
 
@@ -314,7 +316,12 @@ def test_front_stands_aside_where_it_would_answer_otherwise() -> None:
     debug.debug = True  # 500s with a traceback
     handler = create_app(Settings())
     handler.add_exception_handler(Exception, lambda request, exc: Response(status_code=500))
-    for app in (gzip, debug, handler):
+    prefixed = CreditsAPI()
+    problems.install(prefixed)
+    prefixed.include_router(router, prefix="/api")
+    prefixed.add_middleware(BodySizeLimit)
+    assert prefixed.url_path_for("reserve", coach_id="c") == "/api/v1/coaches/c/reservations"
+    for app in (gzip, debug, handler, prefixed):
         assert not isinstance(app.build_middleware_stack(), HotRoutes)
 
 

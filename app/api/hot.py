@@ -18,7 +18,7 @@ from typing import Final
 from starlette.applications import Starlette
 from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 from starlette.requests import Request
-from starlette.routing import compile_path
+from starlette.routing import NoMatchFound, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.limits import MAX_BODY_BYTES, BodySizeLimit
@@ -26,8 +26,8 @@ from app.api.problems import on_credits_error, on_unexpected
 from app.api.routes import COMMIT_PATH, RESERVE_PATH, commit_reply, reserve_reply
 from app.errors import CreditsError
 
-_RESERVE, _, _RESERVE_PARAMS = compile_path(RESERVE_PATH)
-_COMMIT, _, _COMMIT_PARAMS = compile_path(COMMIT_PATH)
+_RESERVE, _RESERVE_FORMAT, _RESERVE_PARAMS = compile_path(RESERVE_PATH)
+_COMMIT, _COMMIT_FORMAT, _COMMIT_PARAMS = compile_path(COMMIT_PATH)
 
 #: Set by FastAPI's request telemetry and its own body limit: with either, the standard
 #: way answers, so spans and limits see every request as before.
@@ -40,7 +40,8 @@ def can_front(app: Starlette) -> bool:
     """Whether ``HotRoutes`` gives the answers of ``app``'s own stack: the stack it
     skips must be the one it stands in for. Not in debug mode (whose 500s carry a
     traceback), not with other middleware (which would be skipped) or another body
-    limit, and only with the problem handlers it calls itself."""
+    limit, only with the problem handlers it calls itself, and only while the two
+    routes are where it looks for them (not mounted under a prefix, say)."""
     handlers = app.exception_handlers
     middleware: list[object] = [(m.cls, m.args, m.kwargs) for m in app.user_middleware]
     return (
@@ -48,7 +49,16 @@ def can_front(app: Starlette) -> bool:
         and middleware == [(BodySizeLimit, (), {})]
         and handlers.get(CreditsError) is on_credits_error
         and handlers.get(Exception) is on_unexpected
+        and _routed(app, "reserve", _RESERVE_FORMAT, coach_id="c")
+        and _routed(app, "commit", _COMMIT_FORMAT, reservation_id="r")
     )
+
+
+def _routed(app: Starlette, name: str, path_format: str, **params: str) -> bool:
+    try:
+        return app.url_path_for(name, **params) == path_format.format(**params)
+    except NoMatchFound:
+        return False
 
 
 class HotRoutes:
@@ -133,7 +143,7 @@ class HotRoutes:
 
 def _first_values(scope: Scope) -> dict[bytes, bytes]:
     """Each header's first value, as ``request.headers.get`` reads it."""
-    return dict(reversed(scope["headers"]))
+    return dict(reversed([*scope["headers"]]))
 
 
 def _text(value: bytes | None) -> str | None:
