@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Final
 
 from fastapi import FastAPI
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -15,10 +16,12 @@ from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
+from starlette.types import ASGIApp
 
 from app.api import panel, problems
 from app.api.deps import KeyRing
 from app.api.events import router as events_router
+from app.api.hot import HotRoutes, can_front
 from app.api.limits import BodySizeLimit
 from app.api.routes import router
 from app.config import Settings
@@ -44,6 +47,15 @@ class WaitingRedisCluster(RedisCluster):
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         async with self.permits:
             return await super().execute_command(*args, **kwargs)
+
+
+class CreditsAPI(FastAPI):
+    """The app, with reserve and commit answered in front of its middleware stack
+    wherever that gives the same answers (see ``app.api.hot``)."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        standard = super().build_middleware_stack()
+        return HotRoutes(self, standard) if can_front(self) else standard
 
 
 def connect(settings: Settings) -> AnyRedis:
@@ -90,6 +102,31 @@ def connect(settings: Settings) -> AnyRedis:
     return Redis(connection_pool=pool)
 
 
+#: Container allocations (less deallocations) between two young-generation collections.
+#: With dozens of requests in flight, the default 700 collected every few requests, and
+#: promoted what those requests held to the old generations, whose full collections
+#: then stalled every request for tens of milliseconds.
+YOUNG_GENERATION_THRESHOLD: Final = 5000
+
+_heap_settled = False
+
+
+def settle_heap() -> None:
+    """Once per process, as it starts serving: what exists by now (modules, the app, its
+    routes and models) lives as long as the process, so it is moved out of the cycle
+    collector's sight (``gc.freeze``), and the young generation is collected less often.
+    Under load the collector had cost about a tenth of a request's CPU, in pauses of up
+    to 80 ms; with this, a few per cent of that."""
+    global _heap_settled
+    if _heap_settled:
+        return
+    _heap_settled = True
+    gc.collect()  # garbage left by start-up is freed, not frozen
+    gc.freeze()
+    young, *older = gc.get_threshold()
+    gc.set_threshold(max(young, YOUNG_GENERATION_THRESHOLD), *older)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -126,13 +163,14 @@ def create_app(
             await app.state.store.ensure_scripts()
         except BackendUnavailable:
             log.warning("redis is not reachable at start-up; serving 503 until it is")
+        settle_heap()
         try:
             yield
         finally:
             if redis is None:
                 await client.aclose()
 
-    app = FastAPI(
+    app = CreditsAPI(
         title="AI credits",
         version="1.0.0",
         summary="Monthly AI credits for coaches: reserve, commit on success, refund on failure.",

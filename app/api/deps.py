@@ -27,12 +27,20 @@ OPEN_PRINCIPAL = Principal("open", frozenset(Scope))
 
 
 class KeyRing:
-    """Bearer keys compared in constant time: every configured key is checked, always."""
+    """Bearer keys compared in constant time: every configured key is checked, always,
+    for a key not admitted before.
+
+    A key once admitted is remembered, so that its next requests skip the hashing and
+    the comparisons. Only keys that matched a configured one are kept, so there are at
+    most as many as are configured, and looking one up tells a caller nothing the
+    answer does not: a dict compares its keyed hash first, and the text only when the
+    hash is the same."""
 
     def __init__(self, keys: dict[str, list[Scope]]) -> None:
         self._entries = [
             (hashlib.sha256(k.encode()).digest(), frozenset(s)) for k, s in keys.items()
         ]
+        self._admitted: dict[str, Principal] = {}
 
     @property
     def open(self) -> bool:
@@ -42,16 +50,21 @@ class KeyRing:
         if self.open:
             return OPEN_PRINCIPAL
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
             raise Unauthorized("Send an API key as 'Authorization: Bearer <key>'.")
-        presented = hashlib.sha256(token.strip().encode()).digest()
+        admitted = self._admitted.get(token)
+        if admitted is not None:
+            return admitted
+        presented = hashlib.sha256(token.encode()).digest()
         found: frozenset[Scope] | None = None
         for digest, scopes in self._entries:
             if hmac.compare_digest(digest, presented):
                 found = scopes
         if found is None:
             raise Unauthorized("This API key is not valid.")
-        return Principal(presented.hex()[:16], found)
+        principal = self._admitted[token] = Principal(presented.hex()[:16], found)
+        return principal
 
 
 # Dependencies are async on purpose: FastAPI runs a plain ``def`` dependency in a worker

@@ -60,6 +60,11 @@ class FastJSONResponse(JSONResponse):
         return orjson.dumps(content)
 
 
+def json_response(status: int, body: bytes) -> Response:
+    """A ``FastJSONResponse`` for JSON already encoded: the same status, headers and body."""
+    return Response(body, status_code=status, media_type="application/json")
+
+
 def header(request: Request, name: bytes) -> str | None:
     """The first value of a header as Starlette's ``request.headers.get`` reads it
     (ASGI header names are lower case), without building the headers mapping."""

@@ -127,14 +127,25 @@ def _allowed_methods(request: Request) -> list[str]:
     ]
 
 
-def install(app: FastAPI) -> None:
-    async def on_credits_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, CreditsError)
-        if isinstance(exc, BackendUnavailable):
-            request.app.state.metrics.redis_unavailable.inc()
-        retry = request.app.state.settings.unavailable_retry_after_seconds
-        return error_response(exc, retry_after_unavailable=retry)
+async def on_credits_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, CreditsError)
+    if isinstance(exc, BackendUnavailable):
+        request.app.state.metrics.redis_unavailable.inc()
+    retry = request.app.state.settings.unavailable_retry_after_seconds
+    return error_response(exc, retry_after_unavailable=retry)
 
+
+async def on_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem_response(
+        status=500,
+        code="internal_error",
+        title="Internal error",
+        detail="Something went wrong on our side. Retrying with the same Idempotency-Key is safe.",
+    )
+
+
+def install(app: FastAPI) -> None:
     async def on_validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         pairs = [
@@ -165,17 +176,6 @@ def install(app: FastAPI) -> None:
             title=title,
             detail=detail,
             headers=headers,
-        )
-
-    async def on_unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem_response(
-            status=500,
-            code="internal_error",
-            title="Internal error",
-            detail=(
-                "Something went wrong on our side. Retrying with the same Idempotency-Key is safe."
-            ),
         )
 
     app.add_exception_handler(CreditsError, on_credits_error)

@@ -3,18 +3,19 @@ are raised as ``app.errors`` exceptions and turned into problems by ``problems``
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Body, Header, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from starlette.datastructures import State
 from starlette.responses import Response
 
 from app import domain
 from app.api import paths  # noqa: F401  (registers the {coach_id:coach_id} path type)
 from app.api.deps import WORKER_ACCESS, AnyScope, MetricsDep, Reader, StoreDep, Worker, store_of
-from app.api.fast import FastJSONResponse, FastRoute, header, served_by
+from app.api.fast import FastJSONResponse, FastRoute, header, json_response, served_by
 from app.api.problems import problem_body
 from app.api.schemas import (
     BatchReserveOut,
@@ -29,20 +30,27 @@ from app.api.schemas import (
     SettleOut,
     SettleRequest,
     UsageOut,
+    encode_reservation,
     reservation_json,
     usage_json,
 )
+from app.domain import Reservation
 from app.errors import CreditsError, InvalidRequest
-from app.store import ReserveItem
+from app.store import CreditStore, ReserveItem
 
 router = APIRouter(route_class=FastRoute)
+
+#: The two hot routes, whose paths ``app.api.hot`` matches in front of the router.
+RESERVE_PATH: Final = "/v1/coaches/{coach_id:coach_id}/reservations"
+COMMIT_PATH: Final = "/v1/reservations/{reservation_id}/commit"
 
 # The credit routes take the store from the request (``store_of``) instead of as a
 # dependency: FastAPI resolves each dependency with its full parameter machinery, a
 # noticeable share of a request's CPU, and the store needs none of it. A ``Request``
 # parameter leaves the OpenAPI schema as it was, and the access check stays the one
 # dependency, so it still answers before the body is looked at. Reserve and commit go
-# further and are served by ``app.api.fast`` (see there) with the same answers.
+# further: ``reserve_reply`` and ``commit_reply`` give their answers without a request
+# object, to ``app.api.hot`` in front of the router and to ``app.api.fast`` behind it.
 
 
 def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -70,48 +78,75 @@ async def list_features(request: Request, _: AnyScope) -> JSONResponse:
     )
 
 
-async def _reserve(
-    request: Request, coach_id: str, body: ReserveRequest, key_id: str, idempotency_key: str | None
-) -> Response:
+async def _hold(
+    store: CreditStore,
+    coach_id: str,
+    body: ReserveRequest,
+    key_id: str,
+    idempotency_key: str | None,
+) -> tuple[Reservation, bool]:
     if idempotency_key is not None and not domain.is_valid_idempotency_key(idempotency_key):
         raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters.")
-    reservation, created = await store_of(request).reserve(
+    return await store.reserve(
         coach_id,
         body.feature,
         ttl_seconds=body.ttl_seconds,
         idempotency_key=idempotency_key,
         principal=key_id,
     )
+
+
+async def _reserve(
+    request: Request, coach_id: str, body: ReserveRequest, key_id: str, idempotency_key: str | None
+) -> Response:
+    reservation, created = await _hold(store_of(request), coach_id, body, key_id, idempotency_key)
     return FastJSONResponse(reservation_json(reservation), status_code=201 if created else 200)
+
+
+async def reserve_reply(
+    state: State,
+    coach_id: str,
+    raw: bytes,
+    authorization: str | None,
+    idempotency_key: str | None,
+) -> tuple[int, bytes] | None:
+    """A reserve with the JSON body ``raw``, as the route answers it: status and body.
+
+    None when the body does not validate: the standard handler answers that, with its
+    exact wording. In the route's order too: a body that is not JSON at all is refused
+    before the key is looked at, a valid one after."""
+    try:
+        body = ReserveRequest.model_validate_json(raw)
+    except ValidationError:
+        return None
+    principal = WORKER_ACCESS.admit(state.keyring, authorization)
+    store: CreditStore = state.store
+    reservation, created = await _hold(store, coach_id, body, principal.key_id, idempotency_key)
+    return 201 if created else 200, encode_reservation(reservation)
 
 
 async def _reserve_fast(request: Request) -> Response | None:
     # Only a plain JSON body that validates is served here; anything else (a body that
     # is not JSON, fails the schema or comes as another content type) takes the standard
-    # path, which answers it exactly as before. In that order too: a body that is not
-    # JSON at all is refused before the key is looked at, a valid one after.
+    # path, which answers it exactly as before.
     if header(request, b"content-type") != "application/json":
         return None
     try:
         raw = await request.body()
     except Exception:  # a failed read: the standard path answers it as before
         return None
-    try:
-        body = ReserveRequest.model_validate_json(raw)
-    except ValidationError:
-        return None
-    principal = WORKER_ACCESS.admit(request.app.state.keyring, header(request, b"authorization"))
-    return await _reserve(
-        request,
+    reply = await reserve_reply(
+        request.app.state,
         request.path_params["coach_id"],
-        body,
-        principal.key_id,
+        raw,
+        header(request, b"authorization"),
         header(request, b"idempotency-key"),
     )
+    return None if reply is None else json_response(*reply)
 
 
 @router.post(
-    "/v1/coaches/{coach_id:coach_id}/reservations",
+    RESERVE_PATH,
     status_code=201,
     response_model=ReservationOut,
     responses={
@@ -150,14 +185,24 @@ async def get_reservation(reservation_id: str, request: Request, _: Worker) -> R
     return FastJSONResponse(reservation_json(reservation))
 
 
+async def commit_reply(state: State, reservation_id: str, authorization: str | None) -> bytes:
+    """A commit as the route answers it with 200: the encoded reservation."""
+    WORKER_ACCESS.admit(state.keyring, authorization)
+    store: CreditStore = state.store
+    return encode_reservation(await store.commit(reservation_id))
+
+
 async def _commit_fast(request: Request) -> Response:
-    WORKER_ACCESS.admit(request.app.state.keyring, header(request, b"authorization"))
-    reservation = await store_of(request).commit(request.path_params["reservation_id"])
-    return FastJSONResponse(reservation_json(reservation))
+    reply = await commit_reply(
+        request.app.state,
+        request.path_params["reservation_id"],
+        header(request, b"authorization"),
+    )
+    return json_response(200, reply)
 
 
 @router.post(
-    "/v1/reservations/{reservation_id}/commit",
+    COMMIT_PATH,
     response_model=ReservationOut,
     responses=_problems(404, 409, 422, *_AUTH),
     tags=["reservations"],
