@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -214,6 +215,74 @@ class EventPage:
     usage: Usage
 
 
+#: A watched call's states: running, cancelled by the watchdog, cancellation answered.
+_WATCHING: Final = 0
+_EXPIRED: Final = 1
+_SETTLED: Final = 2
+#: A deadline this close counts as reached: loop timers round to the millisecond, so one
+#: set for a deadline may fire a hair before it.
+_DEADLINE_SLACK: Final = 0.001
+
+
+class _Watch:
+    """One call under a watchdog: the task to cancel, when, and what became of it."""
+
+    __slots__ = ("cancelling", "deadline", "state", "task")
+
+    def __init__(self, task: asyncio.Task[Any], deadline: float) -> None:
+        self.task = task
+        self.deadline = deadline
+        # Cancellations already asked of the task: only the watchdog's own one becomes a
+        # timeout, as with asyncio.timeout.
+        self.cancelling = task.cancelling()
+        self.state = _WATCHING
+
+
+class _Watchdog:
+    """The deadlines of one event loop's Redis calls, served by one timer.
+
+    ``asyncio.timeout`` starts and cancels a loop timer for every call; here a call costs
+    a dict entry. The one timer fires at the earliest deadline in flight, cancels the
+    tasks whose calls are past theirs (exactly as ``asyncio.timeout`` does) and is set
+    again for the next. A call that ends leaves its entry and nothing else behind."""
+
+    __slots__ = ("calls", "loop", "timer", "wake_at")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        #: Calls in flight, oldest first.
+        self.calls: dict[_Watch, None] = {}
+        self.timer: asyncio.TimerHandle | None = None
+        self.wake_at = math.inf
+
+    def watch(self, task: asyncio.Task[Any], deadline: float) -> _Watch:
+        watch = _Watch(task, deadline)
+        self.calls[watch] = None
+        # Deadlines of one store mostly arrive in order: the timer already set for an
+        # earlier one serves this one too.
+        if deadline < self.wake_at:
+            self._set(deadline)
+        return watch
+
+    def _set(self, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.wake_at = when
+        self.timer = self.loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self.timer = None
+        self.wake_at = math.inf
+        reached = self.loop.time() + _DEADLINE_SLACK
+        due = [w for w in self.calls if w.deadline <= reached]
+        for watch in due:
+            del self.calls[watch]
+            watch.state = _EXPIRED
+            watch.task.cancel()
+        if self.calls:
+            self._set(min(w.deadline for w in self.calls))
+
+
 class CreditStore:
     """Reserve, commit, refund and read credits for coaches."""
 
@@ -255,14 +324,38 @@ class CreditStore:
         self._features: dict[int, tuple[domain.FeatureAvailability, ...]] = {}
         #: The data-set epoch last seen in INSTANCE_KEY; None until the first check.
         self.instance_epoch: str | None = None
+        # The deadline watchdog of each event loop the store is used on (tests and some
+        # hosts run more than one), and the one used last.
+        self._watchdogs: dict[asyncio.AbstractEventLoop, _Watchdog] = {}
+        self._watchdog: _Watchdog | None = None
 
     # --- plumbing --------------------------------------------------------------------
 
     async def _guard(self, call: Awaitable[T]) -> T:
         """Bound every Redis conversation and turn "not reachable" into one error."""
+        loop = asyncio.get_running_loop()
+        dog = self._watchdog
+        if dog is None or dog.loop is not loop:
+            dog = self._watchdog_for(loop)
+        task = asyncio.current_task(loop)
+        if task is None:
+            raise RuntimeError("Timeout should be used inside a task")
+        watch = dog.watch(task, loop.time() + self.op_timeout_seconds)
         try:
-            async with asyncio.timeout(self.op_timeout_seconds):
+            try:
                 return await call
+            except asyncio.CancelledError as exc:
+                # Past its deadline, and no one else asked to cancel: a timeout.
+                if watch.state == _EXPIRED:
+                    watch.state = _SETTLED
+                    if task.uncancel() <= watch.cancelling:
+                        raise TimeoutError from exc
+                raise
+            finally:
+                if watch.state == _WATCHING:
+                    del dog.calls[watch]
+                elif watch.state == _EXPIRED:  # cancelled, but it ended some other way
+                    task.uncancel()
         except UNAVAILABLE_ERRORS as exc:
             log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
             raise BackendUnavailable() from exc
@@ -271,6 +364,15 @@ class CreditStore:
                 raise
             log.warning("redis connection torn down mid-call: %s: %s", type(exc).__name__, exc)
             raise BackendUnavailable() from exc
+
+    def _watchdog_for(self, loop: asyncio.AbstractEventLoop) -> _Watchdog:
+        dog = self._watchdogs.get(loop)
+        if dog is None:
+            for gone in [old for old in list(self._watchdogs) if old.is_closed()]:
+                self._watchdogs.pop(gone, None)
+            dog = self._watchdogs[loop] = _Watchdog(loop)
+        self._watchdog = dog
+        return dog
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Reply:
         started = time.perf_counter()
