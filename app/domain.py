@@ -230,8 +230,7 @@ class ReservationId:
 
     @classmethod
     def new(cls, coach_id: str, period: Period) -> ReservationId:
-        token = base64.urlsafe_b64encode(secrets.token_bytes(_TOKEN_BYTES)).rstrip(b"=")
-        return cls(coach_id, period, token.decode())
+        return cls(coach_id, period, _b64encode(secrets.token_bytes(_TOKEN_BYTES)))
 
     @classmethod
     def parse(cls, text: str) -> ReservationId | None:
@@ -242,19 +241,20 @@ class ReservationId:
         year, month = int(raw_year), int(raw_month)
         if not 1 <= month <= 12 or year < 1970:
             return None
+        # Reject non-canonical encodings so one hold has exactly one id. Any 22 characters
+        # of the alphabet decode to 16 bytes and 4 spare bits, which only the last
+        # character holds: the encoding is the canonical one exactly when they are zero.
+        if token[-1] not in _CANONICAL_TOKEN_ENDS:
+            return None
         try:
             # The pattern admits only the alphabet; a length that cannot be base64 fails.
-            coach_id = base64.urlsafe_b64decode(raw_coach + "=" * (-len(raw_coach) % 4))
-            token_bytes = base64.urlsafe_b64decode(token + "==")
+            coach_id = _b64decode_alphabet(raw_coach)
             coach = coach_id.decode("ascii")
         except (ValueError, UnicodeDecodeError):
             return None
-        if not is_valid_coach_id(coach):
+        if not is_valid_coach_id(coach) or _b64encode(coach_id) != raw_coach:
             return None
-        # Reject non-canonical encodings so one hold has exactly one id.
-        if _b64encode(token_bytes) != token or _b64encode(coach_id) != raw_coach:
-            return None
-        return cls(coach, Period(year, month), token)
+        return cls(coach, _period(year, month), token)
 
     def __str__(self) -> str:
         return (
@@ -263,8 +263,35 @@ class ReservationId:
         )
 
 
+#: The last characters of a canonical token: alphabet positions 0, 16, 32 and 48.
+_CANONICAL_TOKEN_ENDS: Final = "AQgw"  # noqa: S105 - base64 letters, not a secret
+#: base64url through binascii directly, as ``base64.urlsafe_b64*`` does it underneath
+#: two more layers of Python (these run on every reservation and settlement).
+_TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
+_FROM_URLSAFE: Final = bytes.maketrans(b"-_", b"+/")
+_PERIODS: dict[tuple[int, int], Period] = {}
+
+
+def _period(year: int, month: int) -> Period:
+    """A shared Period per month (they are frozen): ids name a handful of months."""
+    period = _PERIODS.get((year, month))
+    if period is None:
+        if len(_PERIODS) >= 256:
+            _PERIODS.clear()
+        period = _PERIODS[(year, month)] = Period(year, month)
+    return period
+
+
 def _b64encode(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    """``base64.urlsafe_b64encode(raw)`` without its padding, as text."""
+    return binascii.b2a_base64(raw, newline=False).translate(_TO_URLSAFE).rstrip(b"=").decode()
+
+
+def _b64decode_alphabet(text: str) -> bytes:
+    """``base64.urlsafe_b64decode`` of padded base64url ``text`` that holds only the
+    alphabet's characters; raises ValueError (binascii.Error) where it does."""
+    raw = text.encode("ascii")
+    return binascii.a2b_base64(raw.translate(_FROM_URLSAFE) + b"=" * (-len(raw) % 4))
 
 
 def _b64decode(text: str) -> bytes:
