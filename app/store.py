@@ -8,6 +8,7 @@ names and passes them in, so month boundaries are testable with a frozen clock.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
 import logging
 import math
@@ -17,8 +18,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Literal, NamedTuple, TypeVar
+from typing import Any, Final, Literal, NamedTuple, TypeVar, cast
 
+from prometheus_client import Counter, Histogram
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -90,6 +92,8 @@ _STATES: Final = {
     "r": Status.REFUNDED,
     "e": Status.EXPIRED,
 }
+#: Each state's outcome label, read once (an enum's ``.value`` is a descriptor call).
+_OUTCOMES: Final = {state: status.value for state, status in _STATES.items()}
 
 
 def utc_now() -> datetime:
@@ -141,9 +145,16 @@ class Reply(NamedTuple):
     swept: int
 
 
+_REPLY_TYPES: Final = (str, int, int, str, str, int, int, str, str, int)
+
+
 def decode_reply(raw: Sequence[Any]) -> Reply:
     """Every script answers ``{status, used, held, token, state, cost, expires_ms,
     feature, extra, swept}``; this is the one place that reads that shape."""
+    # The service's clients decode replies already: then every field has its type and
+    # the reply is taken as it is.
+    if len(raw) == 10 and tuple(map(type, raw)) == _REPLY_TYPES:
+        return Reply._make(raw)
     text = _text
     return Reply(
         text(raw[0]),
@@ -314,10 +325,11 @@ class CreditStore:
         }
         # Serialises reloads, so a burst of NOSCRIPT replies loads (and counts) each once.
         self._reload_lock = asyncio.Lock()
-        # Metric children looked up once each: ``.labels(...)`` validates the labels and
-        # takes a lock, several times per call otherwise. Bound on first use, so /metrics
-        # still lists a series only once it has happened.
-        self._children: dict[tuple[str, ...], Any] = {}
+        # How to add to each metric series, looked up once each: ``.labels(...)``
+        # validates the labels and takes a lock, several times per call otherwise. Bound
+        # on first use, so /metrics still lists a series only once it has happened.
+        self._children: dict[tuple[str, ...], Callable[[float], None]] = {}
+        self._latency: dict[str, Callable[[float], None]] = {}
         self._periods: dict[tuple[int, int], _PeriodInfo] = {}
         # A usage's feature list depends only on the credits left: one shared tuple per
         # level instead of new objects per call (they are frozen).
@@ -386,23 +398,32 @@ class CreditStore:
             # source cannot meet NOSCRIPT again, even if another flush comes between.
             await self.ensure_scripts()
             raw = await self._guard(self.redis.eval(_source(script), len(keys), *keys, *args))
-        self._child("redis_latency", name).observe(time.perf_counter() - started)
+        self._observe_latency(name, time.perf_counter() - started)
         reply = decode_reply(raw)
         if reply.swept:
-            self._child("credits", "expired").inc(reply.swept)
+            self._add("credits", "expired")(reply.swept)
         return reply
 
-    def _child(self, metric: str, *labels: str) -> Any:
+    def _add(self, metric: str, *labels: str) -> Callable[[float], None]:
+        """What adds to one series: its counter's ``inc`` or histogram's ``observe``."""
         key = (metric, *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = getattr(self.metrics, metric).labels(*labels)
+        add = self._children.get(key)
+        if add is None:
+            add = _adder(getattr(self.metrics, metric).labels(*labels))
             if len(self._children) < 1024:  # features come from Redis replies too
-                self._children[key] = child
-        return child
+                self._children[key] = add
+        return add
+
+    def _observe_latency(self, operation: str, seconds: float) -> None:
+        observe = self._latency.get(operation)
+        if observe is None:
+            observe = self._add("redis_latency", operation)
+            if len(self._latency) < 64:
+                self._latency[operation] = observe
+        observe(seconds)
 
     def _count(self, feature: str, outcome: str) -> None:
-        self._child("reservations", feature, outcome).inc()
+        self._add("reservations", feature, outcome)(1)
 
     def _period_info(self, now: datetime) -> _PeriodInfo:
         utc = now if now.tzinfo is UTC else now.astimezone(UTC)
@@ -506,12 +527,12 @@ class CreditStore:
 
     def _reservation(self, rid: ReservationId, reply: Reply) -> Reservation:
         return Reservation(
-            reservation_id=rid,
-            feature=reply.feature,
-            cost=reply.cost,
-            status=_STATES[reply.state],
-            expires_at=domain.from_ms(reply.expires_ms),
-            usage=self._usage(rid.coach_id, rid.period, reply.used, reply.held),
+            rid,
+            reply.feature,
+            reply.cost,
+            _STATES[reply.state],
+            domain.from_ms(reply.expires_ms),
+            self._usage(rid.coach_id, rid.period, reply.used, reply.held),
         )
 
     # --- operations ------------------------------------------------------------------
@@ -583,7 +604,7 @@ class CreditStore:
             )
         if reply.status == "EXHAUSTED":
             self._count(feature, "exhausted")
-            self._child("exhausted", feature).inc()
+            self._add("exhausted", feature)(1)
             raise self._exhausted(feature, cost, period, call.now, reply)
         raise RuntimeError(f"unexpected reserve reply {reply.status!r}")
 
@@ -651,10 +672,10 @@ class CreditStore:
             case "OK":
                 reservation = self._reservation(rid, reply)
                 if reply.extra != "again":
-                    outcome = reservation.status.value
+                    outcome = _OUTCOMES[reply.state]
                     self._count(reply.feature, outcome)
                     if reservation.status is not Status.EXPIRED:  # counted when swept
-                        self._child("credits", outcome).inc(reply.cost)
+                        self._add("credits", outcome)(reply.cost)
                 return reservation
             case "NOT_FOUND":
                 raise ReservationNotFound(str(rid))
@@ -759,7 +780,7 @@ class CreditStore:
         """A read-only script whose reply carries rows after the status array."""
         started = time.perf_counter()
         raw = await self._guard(self.scripts[name](keys=list(keys), args=list(args)))
-        self._child("redis_latency", name).observe(time.perf_counter() - started)
+        self._observe_latency(name, time.perf_counter() - started)
         return raw
 
     # --- batches -----------------------------------------------------------------------
@@ -868,11 +889,11 @@ class CreditStore:
         raw = await self._guard(
             per_coach() if isinstance(self.redis, RedisCluster) else pipelined()
         )
-        self._child("redis_latency", "batch").observe(time.perf_counter() - started)
+        self._observe_latency("batch", time.perf_counter() - started)
         replies = [decode_reply(r) for r in raw]
         swept = sum(r.swept for r in replies)
         if swept:
-            self._child("credits", "expired").inc(swept)
+            self._add("credits", "expired")(swept)
         return replies
 
 
@@ -887,6 +908,41 @@ def _check_batch_item(item: ReserveItem) -> None:
     key = item.idempotency_key
     if key is not None and not domain.is_valid_idempotency_key(key):
         raise InvalidRequest("idempotency_key must be 1-255 printable ASCII characters.")
+
+
+def _adder(child: Any) -> Callable[[float], None]:
+    """A faster ``child.inc`` (counter) or ``child.observe`` (histogram) with the same
+    effect: the public methods re-check, on every call, that the child is a labelled
+    series (it is, once) and walk the buckets one by one. Falls back to the public
+    method where prometheus_client's insides are not the expected ones."""
+    try:
+        if isinstance(child, Histogram):
+            bounds = list(child._upper_bounds)
+            buckets = [bucket.inc for bucket in child._buckets]
+            add_sum = child._sum.inc
+            if len(buckets) != len(bounds) or bounds[-1] != math.inf:
+                return cast(Callable[[float], None], child.observe)
+
+            def observe(amount: float) -> None:
+                add_sum(amount)
+                # The first bucket whose upper bound is at least the amount, as observe()
+                # finds it.
+                buckets[bisect.bisect_left(bounds, amount)](1)
+
+            return observe
+        if isinstance(child, Counter):
+            add_value = child._value.inc
+            public_inc = child.inc
+
+            def inc(amount: float) -> None:
+                if amount < 0:
+                    public_inc(amount)  # raises as a counter does
+                add_value(amount)
+
+            return inc
+    except AttributeError:
+        pass
+    return cast(Callable[[float], None], getattr(child, "inc", None) or child.observe)
 
 
 def _text(v: Any) -> str:
