@@ -553,10 +553,10 @@ class CreditStore:
             ).features
             if len(self._features) < 4096:
                 self._features[left] = features
-        return Usage(coach_id, period, self.allowance, used, held, features)
+        return domain.new_usage(coach_id, period, self.allowance, used, held, features)
 
     def _reservation(self, rid: ReservationId, reply: Reply) -> Reservation:
-        return Reservation(
+        return domain.new_reservation(
             rid,
             reply.feature,
             reply.cost,
