@@ -229,6 +229,8 @@ class ReservationId:
     coach_id: str
     period: Period
     token: str
+    #: The text form, kept once made: ids are written out on every reservation.
+    _text: str | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def new(cls, coach_id: str, period: Period) -> ReservationId:
@@ -260,14 +262,19 @@ class ReservationId:
         if not is_valid_coach_id(coach) or _b64encode(coach_id) != raw_coach:
             return None
         if cls is ReservationId:
-            return new_reservation_id(coach, _period(year, month), token)
+            # Canonical in every part, so the text is the id's own text form.
+            return new_reservation_id(coach, _period(year, month), token, text)
         return cls(coach, _period(year, month), token)
 
     def __str__(self) -> str:
-        return (
-            f"{_b64encode(self.coach_id.encode())}.{self.period.year:04d}"
-            f"{self.period.month:02d}.{self.token}"
-        )
+        text = self._text
+        if text is None:
+            text = (
+                f"{_b64encode(self.coach_id.encode())}.{self.period.year:04d}"
+                f"{self.period.month:02d}.{self.token}"
+            )
+            object.__setattr__(self, "_text", text)  # a cache, not a field of the value
+        return text
 
 
 #: The last characters of a canonical token: alphabet positions 0, 16, 32 and 48.
@@ -391,11 +398,11 @@ Setter = Callable[[Any, Any], None]
 
 
 def _setters(cls: type, *names: str) -> tuple[Setter, ...]:
+    """Each field's slot setter, in order; refuses a class whose fields are not exactly
+    ``names`` (a builder must set them all) or that has more to do on construction."""
     fields = dataclasses.fields(cls)
     if (
         tuple(f.name for f in fields) != names
-        or any(f.default is not dataclasses.MISSING for f in fields)
-        or any(f.default_factory is not dataclasses.MISSING for f in fields)
         or hasattr(cls, "__post_init__")
         or "__slots__" not in cls.__dict__
     ):
@@ -404,7 +411,7 @@ def _setters(cls: type, *names: str) -> tuple[Setter, ...]:
 
 
 _new = object.__new__
-_RESERVATION_ID_SETTERS: Final = _setters(ReservationId, "coach_id", "period", "token")
+_RESERVATION_ID_SETTERS: Final = _setters(ReservationId, "coach_id", "period", "token", "_text")
 _USAGE_SETTERS: Final = _setters(
     Usage, "coach_id", "period", "allowance", "used", "held", "features"
 )
@@ -413,13 +420,17 @@ _RESERVATION_SETTERS: Final = _setters(
 )
 
 
-def new_reservation_id(coach_id: str, period: Period, token: str) -> ReservationId:
-    """``ReservationId(coach_id, period, token)``, built faster."""
-    set_coach_id, set_period, set_token = _RESERVATION_ID_SETTERS
+def new_reservation_id(
+    coach_id: str, period: Period, token: str, text: str | None = None
+) -> ReservationId:
+    """``ReservationId(coach_id, period, token)``, built faster; ``text``, when given,
+    must be its text form."""
+    set_coach_id, set_period, set_token, set_text = _RESERVATION_ID_SETTERS
     rid: ReservationId = _new(ReservationId)
     set_coach_id(rid, coach_id)
     set_period(rid, period)
     set_token(rid, token)
+    set_text(rid, text)
     return rid
 
 
