@@ -349,6 +349,9 @@ class CreditStore:
         self._children: dict[tuple[str, ...], Callable[[float], None]] = {}
         self._latency: dict[str, Callable[[float], None]] = {}
         self._periods: dict[tuple[int, int], _PeriodInfo] = {}
+        # Ids of holds made here lately, by their text: what ReservationId.parse would
+        # return for that text (it is pure), for the settlements that soon follow.
+        self._issued: dict[str, ReservationId] = {}
         # A usage's feature list depends only on the credits left: one shared tuple per
         # level instead of new objects per call (they are frozen).
         self._features: dict[int, tuple[domain.FeatureAvailability, ...]] = {}
@@ -621,6 +624,7 @@ class CreditStore:
         coach_id, period = rid.coach_id, rid.period
         if reply.status == "OK":
             self._count(feature, "held")
+            self._remember(rid)
             return self._reservation(rid, reply), True
         if reply.status == "REPLAY":
             return self._reservation(ReservationId(coach_id, period, reply.token), reply), False
@@ -666,10 +670,22 @@ class CreditStore:
         )
 
     def _parse_id(self, reservation_id: str) -> ReservationId:
-        rid = ReservationId.parse(reservation_id)
+        rid = self._issued.get(reservation_id)
         if rid is None:
-            raise ReservationNotFound(reservation_id)
+            rid = ReservationId.parse(reservation_id)
+            if rid is None:
+                raise ReservationNotFound(reservation_id)
         return rid
+
+    def _remember(self, rid: ReservationId) -> None:
+        """Keep a new hold's id by its text: settling it here needs no parsing."""
+        # Only ids that parse back to themselves: a valid coach (checked before the
+        # reserve), canonical parts by construction, and a four-digit year from 1970.
+        if 1970 <= rid.period.year <= 9999:
+            issued = self._issued
+            if len(issued) >= 4096:
+                issued.clear()
+            issued[str(rid)] = rid
 
     async def get_reservation(self, reservation_id: str) -> Reservation:
         rid = self._parse_id(reservation_id)
