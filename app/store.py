@@ -145,7 +145,7 @@ class Reply(NamedTuple):
     swept: int
 
 
-_REPLY_TYPES: Final = (str, int, int, str, str, int, int, str, str, int)
+_tuple_new: Final = tuple.__new__
 
 
 def decode_reply(raw: Sequence[Any]) -> Reply:
@@ -153,8 +153,21 @@ def decode_reply(raw: Sequence[Any]) -> Reply:
     feature, extra, swept}``; this is the one place that reads that shape."""
     # The service's clients decode replies already: then every field has its type and
     # the reply is taken as it is.
-    if len(raw) == 10 and tuple(map(type, raw)) == _REPLY_TYPES:
-        return Reply._make(raw)
+    if len(raw) == 10:
+        status, used, held, token, state, cost, expires_ms, feature, extra, swept = raw
+        if (
+            type(status) is str
+            and type(used) is int
+            and type(held) is int
+            and type(token) is str
+            and type(state) is str
+            and type(cost) is int
+            and type(expires_ms) is int
+            and type(feature) is str
+            and type(extra) is str
+            and type(swept) is int
+        ):
+            return _tuple_new(Reply, raw)
     text = _text
     return Reply(
         text(raw[0]),
@@ -348,6 +361,8 @@ class CreditStore:
         # on first use, so /metrics still lists a series only once it has happened.
         self._children: dict[tuple[str, ...], Callable[[float], None]] = {}
         self._latency: dict[str, Callable[[float], None]] = {}
+        self._counts: dict[tuple[str, str], Callable[[float], None]] = {}
+        self._credits: dict[str, Callable[[float], None]] = {}
         self._periods: dict[tuple[int, int], _PeriodInfo] = {}
         # Ids of holds made here lately, by their text: what ReservationId.parse would
         # return for that text (it is pure), for the settlements that soon follow.
@@ -456,7 +471,18 @@ class CreditStore:
         observe(seconds)
 
     def _count(self, feature: str, outcome: str) -> None:
-        self._add("reservations", feature, outcome)(1)
+        add = self._counts.get((feature, outcome))
+        if add is None:
+            add = self._add("reservations", feature, outcome)
+            if len(self._counts) < 1024:
+                self._counts[(feature, outcome)] = add
+        add(1)
+
+    def _add_credits(self, kind: str, amount: int) -> None:
+        add = self._credits.get(kind)
+        if add is None:
+            add = self._credits[kind] = self._add("credits", kind)  # a handful of kinds
+        add(amount)
 
     def _period_info(self, now: datetime) -> _PeriodInfo:
         utc = now if now.tzinfo is UTC else now.astimezone(UTC)
@@ -543,7 +569,7 @@ class CreditStore:
             )
 
     def _usage(self, coach_id: str, period: Period, used: int, held: int) -> Usage:
-        left = domain.remaining(self.allowance, used, held)
+        left = max(0, self.allowance - used - held)  # domain.remaining, inline
         features = self._features.get(left)
         if features is None:
             features = Usage.of(
@@ -717,7 +743,7 @@ class CreditStore:
                     outcome = _OUTCOMES[reply.state]
                     self._count(reply.feature, outcome)
                     if reservation.status is not Status.EXPIRED:  # counted when swept
-                        self._add("credits", outcome)(reply.cost)
+                        self._add_credits(outcome, reply.cost)
                 return reservation
             case "NOT_FOUND":
                 raise ReservationNotFound(str(rid))
