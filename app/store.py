@@ -8,16 +8,19 @@ names and passes them in, so month boundaries are testable with a frozen clock.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Literal, NamedTuple, TypeVar
+from typing import Any, Final, Literal, NamedTuple, TypeVar, cast
 
+from prometheus_client import Counter, Histogram
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -89,6 +92,8 @@ _STATES: Final = {
     "r": Status.REFUNDED,
     "e": Status.EXPIRED,
 }
+#: Each state's outcome label, read once (an enum's ``.value`` is a descriptor call).
+_OUTCOMES: Final = {state: status.value for state, status in _STATES.items()}
 
 
 def utc_now() -> datetime:
@@ -140,9 +145,29 @@ class Reply(NamedTuple):
     swept: int
 
 
+_tuple_new: Final = tuple.__new__
+
+
 def decode_reply(raw: Sequence[Any]) -> Reply:
     """Every script answers ``{status, used, held, token, state, cost, expires_ms,
     feature, extra, swept}``; this is the one place that reads that shape."""
+    # The service's clients decode replies already: then every field has its type and
+    # the reply is taken as it is.
+    if len(raw) == 10:
+        status, used, held, token, state, cost, expires_ms, feature, extra, swept = raw
+        if (
+            type(status) is str
+            and type(used) is int
+            and type(held) is int
+            and type(token) is str
+            and type(state) is str
+            and type(cost) is int
+            and type(expires_ms) is int
+            and type(feature) is str
+            and type(extra) is str
+            and type(swept) is int
+        ):
+            return _tuple_new(Reply, raw)
     text = _text
     return Reply(
         text(raw[0]),
@@ -214,6 +239,92 @@ class EventPage:
     usage: Usage
 
 
+#: A watched call's states: running, cancelled by the watchdog, cancellation answered.
+_WATCHING: Final = 0
+_EXPIRED: Final = 1
+_SETTLED: Final = 2
+#: A deadline this close counts as reached: loop timers round to the millisecond, so one
+#: set for a deadline may fire a hair before it.
+_DEADLINE_SLACK: Final = 0.001
+
+
+class _Watch:
+    """One call under a watchdog: the task to cancel, when, and what became of it.
+
+    Used as ``asyncio.timeout`` is: ``timed_out()`` on a CancelledError (True: raise
+    TimeoutError instead), and ``end()`` however the call ends."""
+
+    __slots__ = ("calls", "cancelling", "deadline", "state", "task")
+
+    def __init__(self, calls: dict[_Watch, None], task: asyncio.Task[Any], deadline: float) -> None:
+        self.calls = calls
+        self.task = task
+        self.deadline = deadline
+        # Cancellations already asked of the task: only the watchdog's own one becomes a
+        # timeout, as with asyncio.timeout.
+        self.cancelling = task.cancelling()
+        self.state = _WATCHING
+
+    def timed_out(self) -> bool:
+        """Whether the call's CancelledError is the watchdog's alone: a timeout."""
+        if self.state != _EXPIRED:
+            return False
+        self.state = _SETTLED
+        return self.task.uncancel() <= self.cancelling
+
+    def end(self) -> None:
+        if self.state == _WATCHING:
+            del self.calls[self]
+        elif self.state == _EXPIRED:  # cancelled, but the call ended some other way
+            self.task.uncancel()
+
+
+class _Watchdog:
+    """The deadlines of one event loop's Redis calls, served by one timer.
+
+    ``asyncio.timeout`` starts and cancels a loop timer for every call; here a call costs
+    a dict entry. The one timer fires at the earliest deadline in flight, cancels the
+    tasks whose calls are past theirs (exactly as ``asyncio.timeout`` does) and is set
+    again for the next. A call that ends leaves its entry and nothing else behind."""
+
+    __slots__ = ("calls", "loop", "timer", "wake_at")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        #: Calls in flight, oldest first.
+        self.calls: dict[_Watch, None] = {}
+        self.timer: asyncio.TimerHandle | None = None
+        self.wake_at = math.inf
+
+    def watch(self, task: asyncio.Task[Any], deadline: float) -> _Watch:
+        calls = self.calls
+        watch = _Watch(calls, task, deadline)
+        calls[watch] = None
+        # Deadlines of one store mostly arrive in order: the timer already set for an
+        # earlier one serves this one too.
+        if deadline < self.wake_at:
+            self._set(deadline)
+        return watch
+
+    def _set(self, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.wake_at = when
+        self.timer = self.loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self.timer = None
+        self.wake_at = math.inf
+        reached = self.loop.time() + _DEADLINE_SLACK
+        due = [w for w in self.calls if w.deadline <= reached]
+        for watch in due:
+            del self.calls[watch]
+            watch.state = _EXPIRED
+            watch.task.cancel()
+        if self.calls:
+            self._set(min(w.deadline for w in self.calls))
+
+
 class CreditStore:
     """Reserve, commit, refund and read credits for coaches."""
 
@@ -245,38 +356,89 @@ class CreditStore:
         }
         # Serialises reloads, so a burst of NOSCRIPT replies loads (and counts) each once.
         self._reload_lock = asyncio.Lock()
-        # Metric children looked up once each: ``.labels(...)`` validates the labels and
-        # takes a lock, several times per call otherwise. Bound on first use, so /metrics
-        # still lists a series only once it has happened.
-        self._children: dict[tuple[str, ...], Any] = {}
+        # How to add to each metric series, looked up once each: ``.labels(...)``
+        # validates the labels and takes a lock, several times per call otherwise. Bound
+        # on first use, so /metrics still lists a series only once it has happened.
+        self._children: dict[tuple[str, ...], Callable[[float], None]] = {}
+        self._latency: dict[str, Callable[[float], None]] = {}
+        self._counts: dict[tuple[str, str], Callable[[float], None]] = {}
+        self._credits: dict[str, Callable[[float], None]] = {}
         self._periods: dict[tuple[int, int], _PeriodInfo] = {}
+        # Ids of holds made here lately, by their text: what ReservationId.parse would
+        # return for that text (it is pure), for the settlements that soon follow.
+        self._issued: dict[str, ReservationId] = {}
         # A usage's feature list depends only on the credits left: one shared tuple per
         # level instead of new objects per call (they are frozen).
         self._features: dict[int, tuple[domain.FeatureAvailability, ...]] = {}
         #: The data-set epoch last seen in INSTANCE_KEY; None until the first check.
         self.instance_epoch: str | None = None
+        # The deadline watchdog of each event loop the store is used on (tests and some
+        # hosts run more than one), and the one used last.
+        self._watchdogs: dict[asyncio.AbstractEventLoop, _Watchdog] = {}
+        self._watchdog: _Watchdog | None = None
 
     # --- plumbing --------------------------------------------------------------------
 
     async def _guard(self, call: Awaitable[T]) -> T:
         """Bound every Redis conversation and turn "not reachable" into one error."""
+        watch = self._watch()
         try:
-            async with asyncio.timeout(self.op_timeout_seconds):
+            try:
                 return await call
+            except asyncio.CancelledError as exc:
+                if watch.timed_out():
+                    raise TimeoutError from exc
+                raise
+            finally:
+                watch.end()
         except UNAVAILABLE_ERRORS as exc:
-            log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
-            raise BackendUnavailable() from exc
+            raise _unavailable(exc) from exc
         except (AttributeError, TypeError) as exc:
             if not _raised_by_redis_transport(exc):
                 raise
-            log.warning("redis connection torn down mid-call: %s: %s", type(exc).__name__, exc)
-            raise BackendUnavailable() from exc
+            raise _torn_down(exc) from exc
+
+    def _watch(self) -> _Watch:
+        """Put the current task's next Redis call under its loop's watchdog."""
+        loop = asyncio.get_running_loop()
+        dog = self._watchdog
+        if dog is None or dog.loop is not loop:
+            dog = self._watchdog_for(loop)
+        task = asyncio.current_task(loop)
+        if task is None:
+            raise RuntimeError("Timeout should be used inside a task")
+        return dog.watch(task, loop.time() + self.op_timeout_seconds)
+
+    def _watchdog_for(self, loop: asyncio.AbstractEventLoop) -> _Watchdog:
+        dog = self._watchdogs.get(loop)
+        if dog is None:
+            for gone in [old for old in list(self._watchdogs) if old.is_closed()]:
+                self._watchdogs.pop(gone, None)
+            dog = self._watchdogs[loop] = _Watchdog(loop)
+        self._watchdog = dog
+        return dog
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Reply:
         started = time.perf_counter()
         script = self.scripts[name]
+        # What _guard does, written out: this is every reserve's and settlement's call,
+        # and a coroutine less in the chain is a layer less on every resume.
+        watch = self._watch()
         try:
-            raw = await self._guard(self.redis.evalsha(script.sha, len(keys), *keys, *args))
+            try:
+                raw = await self.redis.evalsha(script.sha, len(keys), *keys, *args)
+            except asyncio.CancelledError as exc:
+                if watch.timed_out():
+                    raise TimeoutError from exc
+                raise
+            finally:
+                watch.end()
+        except UNAVAILABLE_ERRORS as exc:
+            raise _unavailable(exc) from exc
+        except (AttributeError, TypeError) as exc:
+            if not _raised_by_redis_transport(exc):
+                raise
+            raise _torn_down(exc) from exc
         except redis_errors.NoScriptError:
             # Redis forgot the scripts: restarted, flushed or failed over. That is also
             # the cheap moment to ask whether it forgot the data. NOSCRIPT means the
@@ -284,23 +446,43 @@ class CreditStore:
             # source cannot meet NOSCRIPT again, even if another flush comes between.
             await self.ensure_scripts()
             raw = await self._guard(self.redis.eval(_source(script), len(keys), *keys, *args))
-        self._child("redis_latency", name).observe(time.perf_counter() - started)
+        self._observe_latency(name, time.perf_counter() - started)
         reply = decode_reply(raw)
         if reply.swept:
-            self._child("credits", "expired").inc(reply.swept)
+            self._add("credits", "expired")(reply.swept)
         return reply
 
-    def _child(self, metric: str, *labels: str) -> Any:
+    def _add(self, metric: str, *labels: str) -> Callable[[float], None]:
+        """What adds to one series: its counter's ``inc`` or histogram's ``observe``."""
         key = (metric, *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = getattr(self.metrics, metric).labels(*labels)
+        add = self._children.get(key)
+        if add is None:
+            add = _adder(getattr(self.metrics, metric).labels(*labels))
             if len(self._children) < 1024:  # features come from Redis replies too
-                self._children[key] = child
-        return child
+                self._children[key] = add
+        return add
+
+    def _observe_latency(self, operation: str, seconds: float) -> None:
+        observe = self._latency.get(operation)
+        if observe is None:
+            observe = self._add("redis_latency", operation)
+            if len(self._latency) < 64:
+                self._latency[operation] = observe
+        observe(seconds)
 
     def _count(self, feature: str, outcome: str) -> None:
-        self._child("reservations", feature, outcome).inc()
+        add = self._counts.get((feature, outcome))
+        if add is None:
+            add = self._add("reservations", feature, outcome)
+            if len(self._counts) < 1024:
+                self._counts[(feature, outcome)] = add
+        add(1)
+
+    def _add_credits(self, kind: str, amount: int) -> None:
+        add = self._credits.get(kind)
+        if add is None:
+            add = self._credits[kind] = self._add("credits", kind)  # a handful of kinds
+        add(amount)
 
     def _period_info(self, now: datetime) -> _PeriodInfo:
         utc = now if now.tzinfo is UTC else now.astimezone(UTC)
@@ -390,7 +572,7 @@ class CreditStore:
             )
 
     def _usage(self, coach_id: str, period: Period, used: int, held: int) -> Usage:
-        left = domain.remaining(self.allowance, used, held)
+        left = max(0, self.allowance - used - held)  # domain.remaining, inline
         features = self._features.get(left)
         if features is None:
             features = Usage.of(
@@ -403,16 +585,16 @@ class CreditStore:
             ).features
             if len(self._features) < 4096:
                 self._features[left] = features
-        return Usage(coach_id, period, self.allowance, used, held, features)
+        return domain.new_usage(coach_id, period, self.allowance, used, held, features)
 
     def _reservation(self, rid: ReservationId, reply: Reply) -> Reservation:
-        return Reservation(
-            reservation_id=rid,
-            feature=reply.feature,
-            cost=reply.cost,
-            status=_STATES[reply.state],
-            expires_at=domain.from_ms(reply.expires_ms),
-            usage=self._usage(rid.coach_id, rid.period, reply.used, reply.held),
+        return domain.new_reservation(
+            rid,
+            reply.feature,
+            reply.cost,
+            _STATES[reply.state],
+            domain.from_ms(reply.expires_ms),
+            self._usage(rid.coach_id, rid.period, reply.used, reply.held),
         )
 
     # --- operations ------------------------------------------------------------------
@@ -471,6 +653,7 @@ class CreditStore:
         coach_id, period = rid.coach_id, rid.period
         if reply.status == "OK":
             self._count(feature, "held")
+            self._remember(rid)
             return self._reservation(rid, reply), True
         if reply.status == "REPLAY":
             return self._reservation(ReservationId(coach_id, period, reply.token), reply), False
@@ -484,7 +667,7 @@ class CreditStore:
             )
         if reply.status == "EXHAUSTED":
             self._count(feature, "exhausted")
-            self._child("exhausted", feature).inc()
+            self._add("exhausted", feature)(1)
             raise self._exhausted(feature, cost, period, call.now, reply)
         raise RuntimeError(f"unexpected reserve reply {reply.status!r}")
 
@@ -516,10 +699,22 @@ class CreditStore:
         )
 
     def _parse_id(self, reservation_id: str) -> ReservationId:
-        rid = ReservationId.parse(reservation_id)
+        rid = self._issued.get(reservation_id)
         if rid is None:
-            raise ReservationNotFound(reservation_id)
+            rid = ReservationId.parse(reservation_id)
+            if rid is None:
+                raise ReservationNotFound(reservation_id)
         return rid
+
+    def _remember(self, rid: ReservationId) -> None:
+        """Keep a new hold's id by its text: settling it here needs no parsing."""
+        # Only ids that parse back to themselves: a valid coach (checked before the
+        # reserve), canonical parts by construction, and a four-digit year from 1970.
+        if 1970 <= rid.period.year <= 9999:
+            issued = self._issued
+            if len(issued) >= 4096:
+                issued.clear()
+            issued[str(rid)] = rid
 
     async def get_reservation(self, reservation_id: str) -> Reservation:
         rid = self._parse_id(reservation_id)
@@ -532,10 +727,6 @@ class CreditStore:
         if reply.status == "NOT_FOUND":
             raise ReservationNotFound(reservation_id)
         return self._reservation(rid, reply)
-
-    async def _settle(self, script: str, reservation_id: str) -> Reservation:
-        rid, keys, args = self._settle_call(reservation_id)
-        return self._settle_outcome(script, rid, await self._run(script, keys, args))
 
     def _settle_call(self, reservation_id: str) -> tuple[ReservationId, list[str], list[Any]]:
         rid = self._parse_id(reservation_id)
@@ -558,10 +749,10 @@ class CreditStore:
             case "OK":
                 reservation = self._reservation(rid, reply)
                 if reply.extra != "again":
-                    outcome = reservation.status.value
+                    outcome = _OUTCOMES[reply.state]
                     self._count(reply.feature, outcome)
                     if reservation.status is not Status.EXPIRED:  # counted when swept
-                        self._child("credits", outcome).inc(reply.cost)
+                        self._add_credits(outcome, reply.cost)
                 return reservation
             case "NOT_FOUND":
                 raise ReservationNotFound(str(rid))
@@ -574,10 +765,12 @@ class CreditStore:
         raise RuntimeError(f"unexpected {script} reply {reply.status!r}")
 
     async def commit(self, reservation_id: str) -> Reservation:
-        return await self._settle("commit", reservation_id)
+        rid, keys, args = self._settle_call(reservation_id)
+        return self._settle_outcome("commit", rid, await self._run("commit", keys, args))
 
     async def refund(self, reservation_id: str) -> Reservation:
-        return await self._settle("refund", reservation_id)
+        rid, keys, args = self._settle_call(reservation_id)
+        return self._settle_outcome("refund", rid, await self._run("refund", keys, args))
 
     async def usage(self, coach_id: str) -> Usage:
         self.check_coach_id(coach_id)
@@ -666,7 +859,7 @@ class CreditStore:
         """A read-only script whose reply carries rows after the status array."""
         started = time.perf_counter()
         raw = await self._guard(self.scripts[name](keys=list(keys), args=list(args)))
-        self._child("redis_latency", name).observe(time.perf_counter() - started)
+        self._observe_latency(name, time.perf_counter() - started)
         return raw
 
     # --- batches -----------------------------------------------------------------------
@@ -775,11 +968,11 @@ class CreditStore:
         raw = await self._guard(
             per_coach() if isinstance(self.redis, RedisCluster) else pipelined()
         )
-        self._child("redis_latency", "batch").observe(time.perf_counter() - started)
+        self._observe_latency("batch", time.perf_counter() - started)
         replies = [decode_reply(r) for r in raw]
         swept = sum(r.swept for r in replies)
         if swept:
-            self._child("credits", "expired").inc(swept)
+            self._add("credits", "expired")(swept)
         return replies
 
 
@@ -796,6 +989,41 @@ def _check_batch_item(item: ReserveItem) -> None:
         raise InvalidRequest("idempotency_key must be 1-255 printable ASCII characters.")
 
 
+def _adder(child: Any) -> Callable[[float], None]:
+    """A faster ``child.inc`` (counter) or ``child.observe`` (histogram) with the same
+    effect: the public methods re-check, on every call, that the child is a labelled
+    series (it is, once) and walk the buckets one by one. Falls back to the public
+    method where prometheus_client's insides are not the expected ones."""
+    try:
+        if isinstance(child, Histogram):
+            bounds = list(child._upper_bounds)
+            buckets = [bucket.inc for bucket in child._buckets]
+            add_sum = child._sum.inc
+            if len(buckets) != len(bounds) or bounds[-1] != math.inf:
+                return cast(Callable[[float], None], child.observe)
+
+            def observe(amount: float) -> None:
+                add_sum(amount)
+                # The first bucket whose upper bound is at least the amount, as observe()
+                # finds it.
+                buckets[bisect.bisect_left(bounds, amount)](1)
+
+            return observe
+        if isinstance(child, Counter):
+            add_value = child._value.inc
+            public_inc = child.inc
+
+            def inc(amount: float) -> None:
+                if amount < 0:
+                    public_inc(amount)  # raises as a counter does
+                add_value(amount)
+
+            return inc
+    except AttributeError:
+        pass
+    return cast(Callable[[float], None], getattr(child, "inc", None) or child.observe)
+
+
 def _text(v: Any) -> str:
     # The service's clients decode replies already: the common case is one type check.
     if type(v) is str:
@@ -807,6 +1035,16 @@ def _source(script: AsyncScript) -> str:
     source = script.script
     assert isinstance(source, str)  # registered from load_script_source
     return source
+
+
+def _unavailable(exc: BaseException) -> BackendUnavailable:
+    log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
+    return BackendUnavailable()
+
+
+def _torn_down(exc: BaseException) -> BackendUnavailable:
+    log.warning("redis connection torn down mid-call: %s: %s", type(exc).__name__, exc)
+    return BackendUnavailable()
 
 
 def _raised_by_redis_transport(exc: BaseException) -> bool:

@@ -588,3 +588,32 @@ def test_ids_with_a_bad_period_do_not_parse(period: str) -> None:
 @pytest.mark.parametrize("size", [0, 8, 15, 17, 32])
 def test_ids_with_a_token_of_the_wrong_size_do_not_parse(size: int) -> None:
     assert ReservationId.parse(f"{_b64(b'coach-1')}.202611.{_b64(bytes(size))}") is None
+
+
+@pytest.mark.parametrize("last", B64URL)
+def test_a_token_parses_exactly_when_its_encoding_is_canonical(last: str) -> None:
+    text = str(ReservationId.new("coach-1", NOV))[:-1] + last
+    token = text.rsplit(".", 1)[1]
+    canonical = base64.urlsafe_b64encode(base64.urlsafe_b64decode(token + "==")).rstrip(b"=")
+    assert (ReservationId.parse(text) is not None) == (canonical.decode() == token)
+
+
+def test_the_fast_builders_build_what_the_constructors_build() -> None:
+    rid = domain.new_reservation_id("coach-1", NOV, "t" * 22)
+    assert rid == ReservationId("coach-1", NOV, "t" * 22)
+    assert hash(rid) == hash(ReservationId("coach-1", NOV, "t" * 22))
+    usage = domain.new_usage("coach-1", NOV, 50, 3, 1, ())
+    assert usage == Usage("coach-1", NOV, 50, 3, 1, ())
+    expires = datetime(2026, 11, 14, tzinfo=UTC)
+    built = domain.new_reservation(rid, "checkin_draft", 1, Status.HELD, expires, usage)
+    assert built == Reservation(rid, "checkin_draft", 1, Status.HELD, expires, usage)
+    assert repr(built) == repr(Reservation(rid, "checkin_draft", 1, Status.HELD, expires, usage))
+    with pytest.raises(AttributeError):
+        built.cost = 2  # type: ignore[misc]
+
+
+def test_the_fast_builders_refuse_classes_they_cannot_build() -> None:
+    with pytest.raises(TypeError):
+        domain._setters(Usage, "coach_id", "period")
+    with pytest.raises(TypeError):
+        domain._setters(Level)

@@ -577,6 +577,26 @@ async def test_unknown_altered_and_made_up_ids_are_not_found_and_change_nothing(
     assert committed_now.status is Status.COMMITTED
 
 
+async def test_a_hold_settles_alike_where_it_was_made_and_elsewhere(
+    store: CreditStore, backend: AnyRedis, clock: FrozenClock
+) -> None:
+    """The store that made a hold knows its id already; another process reads it from
+    its text. Both must come to the same reservation."""
+    other = CreditStore(backend, clock=clock)
+    here, _ = await store.reserve(COACH, "trend_analysis")
+    there, _ = await store.reserve(COACH, "checkin_draft")
+    committed_here = await store.commit(str(here.reservation_id))
+    committed_there = await other.commit(str(there.reservation_id))
+    assert committed_here.reservation_id == here.reservation_id
+    assert committed_there.reservation_id == there.reservation_id
+    assert str(committed_there.reservation_id) == str(there.reservation_id)
+    assert (committed_here.status, committed_there.status) == (Status.COMMITTED,) * 2
+    with pytest.raises(ReservationCommitted):
+        await other.refund(str(here.reservation_id))
+    with pytest.raises(ReservationCommitted):
+        await store.refund(str(there.reservation_id))
+
+
 # --- idempotency ------------------------------------------------------------------------
 
 
