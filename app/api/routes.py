@@ -252,7 +252,7 @@ async def reserve_batch(
             results.append(
                 {"status": 201 if created else 200, "reservation": reservation_json(reservation)}
             )
-    return JSONResponse({"results": results})
+    return FastJSONResponse({"results": results})
 
 
 @router.post(
@@ -271,7 +271,7 @@ async def settle_batch(body: SettleRequest, request: Request, _: Worker) -> JSON
     outcomes = await store_of(request).settle_many(
         [(i.reservation_id, i.action) for i in body.settlements]
     )
-    return JSONResponse(
+    return FastJSONResponse(
         {
             "results": [
                 _item_problem(o)
@@ -295,7 +295,7 @@ def _item_problem(exc: CreditsError) -> dict[str, object]:
     tags=["usage"],
 )
 async def get_usage(coach_id: str, request: Request, _: AnyScope) -> JSONResponse:
-    return JSONResponse(usage_json(await store_of(request).usage(coach_id)))
+    return FastJSONResponse(usage_json(await store_of(request).usage(coach_id)))
 
 
 @router.post(
@@ -308,7 +308,7 @@ async def batch_usage(
     body: Annotated[BatchUsageRequest, Body()], request: Request, _: Reader
 ) -> JSONResponse:
     items = await store_of(request).usage_many(body.coach_ids)
-    return JSONResponse({"items": [usage_json(u) for u in items]})
+    return FastJSONResponse({"items": [usage_json(u) for u in items]})
 
 
 @router.get("/healthz", tags=["operations"])
