@@ -58,6 +58,16 @@ class CreditsAPI(FastAPI):
         return HotRoutes(self, standard) if can_front(self) else standard
 
 
+def op_timeout_seconds(settings: Settings) -> float:
+    """The deadline of one whole Redis operation. One Redis has no socket read timeout
+    (see ``connect``), so the operation is bounded by the configured timeout itself; a
+    cluster client bounds each connect and read by it, and the operation (which may
+    refresh the slot map first) by 2.5 times it."""
+    if settings.redis_cluster:
+        return settings.redis_timeout_seconds * 2.5
+    return settings.redis_timeout_seconds
+
+
 def connect(settings: Settings) -> AnyRedis:
     """A client with bounded waits everywhere and no automatic command retries: a
     reserve retried blindly after a timeout could hold twice, so retries are the
@@ -87,7 +97,10 @@ def connect(settings: Settings) -> AnyRedis:
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         decode_responses=True,
-        socket_timeout=timeout,
+        # No per-read timeout: the store bounds each whole operation (pool wait, connect
+        # and replies together) with one deadline, which is cheaper than redis-py's timer
+        # around every reply (a batch reads one reply per item) and just as prompt.
+        socket_timeout=None,
         socket_connect_timeout=timeout,
         max_connections=settings.redis_max_connections,
         timeout=timeout,
@@ -145,7 +158,7 @@ def create_app(
             default_ttl_seconds=settings.reservation_ttl_seconds,
             release_batch=settings.release_batch,
             events_max=settings.events_max,
-            op_timeout_seconds=settings.redis_timeout_seconds * 2.5,
+            op_timeout_seconds=op_timeout_seconds(settings),
             clock=clock,
             metrics=app.state.metrics,
         )
