@@ -13,7 +13,9 @@ untouched, so the OpenAPI schema, the error wording and their order stay as they
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Awaitable
+from enum import Enum
+from typing import Final, Literal, TypeVar
 
 from starlette.applications import Starlette
 from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
@@ -34,6 +36,8 @@ _COMMIT, _COMMIT_FORMAT, _COMMIT_PARAMS = compile_path(COMMIT_PATH)
 _STANDARD_ONLY: Final = ("fastapi.telemetry", MAX_BODY_SIZE_SCOPE_KEY)
 
 _JSON: Final = b"application/json"
+
+T = TypeVar("T")
 
 
 def can_front(app: Starlette) -> bool:
@@ -96,22 +100,20 @@ class HotRoutes:
         if raw is None:
             await self.standard(scope, _replay(messages, receive), send)
             return
-        try:
-            reply = await reserve_reply(
+        reply = await _answered(
+            scope,
+            receive,
+            send,
+            reserve_reply(
                 self.app.state,
                 _RESERVE_PARAMS["coach_id"].convert(coach_id),
                 raw,
                 _text(headers.get(b"authorization")),
                 _text(headers.get(b"idempotency-key")),
-            )
-        except CreditsError as exc:
-            response = await on_credits_error(Request(scope, receive), exc)
-            await response(scope, receive, send)
+            ),
+        )
+        if reply is _ANSWERED:
             return
-        except Exception as exc:  # as ServerErrorMiddleware: answer 500, then raise
-            response = await on_unexpected(Request(scope, receive), exc)
-            await response(scope, receive, send)
-            raise
         if reply is None:  # a body the schema refuses: the standard way words the 422
             await self.standard(scope, _replay(messages, receive), send)
             return
@@ -124,21 +126,45 @@ class HotRoutes:
         if not _within_limit(headers):
             await self.standard(scope, receive, send)
             return
-        try:
-            body = await commit_reply(
+        body = await _answered(
+            scope,
+            receive,
+            send,
+            commit_reply(
                 self.app.state,
                 _COMMIT_PARAMS["reservation_id"].convert(reservation_id),
                 _text(headers.get(b"authorization")),
-            )
-        except CreditsError as exc:
-            response = await on_credits_error(Request(scope, receive), exc)
-            await response(scope, receive, send)
+            ),
+        )
+        if body is _ANSWERED:
             return
-        except Exception as exc:  # as ServerErrorMiddleware: answer 500, then raise
-            response = await on_unexpected(Request(scope, receive), exc)
-            await response(scope, receive, send)
-            raise
         await _send_json(send, 200, body)
+
+
+class _Answered(Enum):
+    ANSWERED = "answered"
+
+
+#: What ``_answered`` gives once it has sent the answer itself.
+_ANSWERED: Final = _Answered.ANSWERED
+
+
+async def _answered(
+    scope: Scope, receive: Receive, send: Send, pending: Awaitable[T]
+) -> T | Literal[_Answered.ANSWERED]:
+    """``pending``'s result, or ``_ANSWERED`` once a domain error has been answered as
+    the standard way answers it. Any other failure is answered 500 and raised again,
+    as ServerErrorMiddleware does."""
+    try:
+        return await pending
+    except CreditsError as exc:
+        response = await on_credits_error(Request(scope, receive), exc)
+    except Exception as exc:
+        failure = await on_unexpected(Request(scope, receive), exc)
+        await failure(scope, receive, send)
+        raise
+    await response(scope, receive, send)
+    return _ANSWERED
 
 
 def _first_values(scope: Scope) -> dict[bytes, bytes]:
