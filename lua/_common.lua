@@ -30,6 +30,8 @@ local function parse_record(rec)
   return state, tonumber(cost), tonumber(expires), feature
 end
 
+-- Lua turns numbers into text with sprintf, as costly as a Redis command here: records,
+-- members and events are built from text the caller sent or the record already holds.
 local function record(state, cost, expires, feature)
   return state .. '|' .. cost .. '|' .. expires .. '|' .. feature
 end
@@ -144,14 +146,16 @@ local function settle_target(account, holds, events, events_max, now, token, bat
     end
   end
   return {prior = prior, state = state, cost = cost, expires = expires, feature = feature,
-          used = used, held = held, seq = seq}
+          used = used, held = held, seq = seq, rec = rec}
 end
 
--- A live hold leaves the holds, settled as `state` (c or r) and logged as `kind`; a
--- commit also adds its cost to used. Updates `t` (from settle_target) to match.
+-- A live hold leaves the holds, settled as `state` (c or r) and logged as `kind` at
+-- `now` (ms, as text); a commit also adds its cost to used. Updates `t` (from
+-- settle_target) to match.
 local function settle_hold(account, holds, events, events_max, now, token, t, state, kind)
+  local cost = string.match(t.rec, '^%a|(%d+)|')
   t.held = t.held - t.cost
-  local fields = {'r:' .. token, record(state, t.cost, t.expires, t.feature), 'held', t.held}
+  local fields = {'r:' .. token, state .. string.sub(t.rec, 2), 'held', t.held}
   if state == 'c' then
     t.used = t.used + t.cost
     fields[5], fields[6] = 'used', t.used
@@ -162,9 +166,9 @@ local function settle_hold(account, holds, events, events_max, now, token, t, st
     fields[n + 1], fields[n + 2] = 'seq', t.seq
   end
   redis.call('HSET', account, unpack(fields))
-  redis.call('ZREM', holds, token .. ':' .. t.cost)
+  redis.call('ZREM', holds, token .. ':' .. cost)
   if events_max > 0 then
-    push_event(events, events_max, t.seq, now, kind, token, t.feature, t.cost)
+    push_event(events, events_max, t.seq, now, kind, token, t.feature, cost)
   end
   t.state = state
 end

@@ -22,7 +22,7 @@ end
 
 local outcome = 'OK'
 if t.state == 'h' then
-  settle_hold(account, holds, events, events_max, now, token, t, 'c', 'committed')
+  settle_hold(account, holds, events, events_max, ARGV[1], token, t, 'c', 'committed')
 elseif t.state == 'r' then
   outcome = 'REFUNDED'
 elseif t.state == 'e' then

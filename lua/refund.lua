@@ -23,7 +23,7 @@ end
 
 local outcome = 'OK'
 if t.state == 'h' then
-  settle_hold(account, holds, events, events_max, now, token, t, 'r', 'refunded')
+  settle_hold(account, holds, events, events_max, ARGV[1], token, t, 'r', 'refunded')
 elseif t.state == 'c' then
   outcome = 'COMMITTED'
 end

@@ -66,16 +66,16 @@ if used + held + cost > allowance then
 end
 
 -- The hold, the new counters, `next` and the event number in one write.
-local fields = {'r:' .. token, record('h', cost, expires, feature), 'held', held + cost}
+local fields = {'r:' .. token, record('h', ARGV[4], ARGV[5], feature), 'held', held + cost}
 if held == 0 or not nxt or expires < nxt then
-  fields[5], fields[6] = 'next', expires
+  fields[5], fields[6] = 'next', ARGV[5]
 end
 if events_max > 0 then
   local n = #fields
   fields[n + 1], fields[n + 2] = 'seq', seq + 1
 end
 redis.call('HSET', account, unpack(fields))
-redis.call('ZADD', holds, expires, token .. ':' .. cost)
+redis.call('ZADD', holds, ARGV[5], token .. ':' .. ARGV[4])
 if not exists then
   redis.call('PEXPIREAT', account, keys_expire_at)
 end
@@ -84,7 +84,7 @@ if held == 0 or not nxt then
   redis.call('PEXPIREAT', holds, keys_expire_at)
 end
 if events_max > 0 then
-  push_event(events, events_max, seq + 1, now, 'held', token, feature, cost)
+  push_event(events, events_max, seq + 1, ARGV[1], 'held', token, feature, ARGV[4])
 end
 if idem then
   redis.call('SET', idem, feature .. '|' .. period .. '|' .. token, 'PX', idem_ttl)
