@@ -201,20 +201,35 @@ def reserve_command(sha: str, *, coach: str, allowance: int, now: datetime) -> l
     ]
 
 
+#: The Redis commands of reserve.lua's common path with nothing around them (no checks,
+#: no sweep, no idempotency): with reserve.lua's KEYS/ARGV, what its data alone costs.
+RESERVE_COMMANDS_ONLY: Final = """
+local account, holds, events = KEYS[1], KEYS[2], KEYS[3]
+redis.call('HMGET', account, 'used', 'held', 'seq', 'next')
+redis.call('HSET', account, 'r:' .. ARGV[2], 'h|' .. ARGV[4] .. '|' .. ARGV[5] .. '|' .. ARGV[3],
+  'held', 1, 'seq', 2)
+redis.call('ZADD', holds, ARGV[5], ARGV[2] .. ':' .. ARGV[4])
+redis.call('LPUSH', events,
+  '2|' .. ARGV[1] .. '|held|' .. ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[4])
+return {'OK', 0, 1, ARGV[2], 'h', 1, ARGV[5], ARGV[3], '', 0}
+"""
+
+
 async def bench_limit(report: Report, redis: RedisServer, load: Load) -> None:
     client = Redis.from_url(redis.url(DB_SCRATCH), decode_responses=True)
     minimal_sha = await client.script_load(MINIMAL_SCRIPT)
     reserve_sha = await client.script_load(load_script_source("reserve"))
+    commands_sha = await client.script_load(RESERVE_COMMANDS_ONLY)
     now = datetime.now(UTC)
 
     def minimal(allowance: int, keyspace: int) -> tuple[float, float]:
         cmd = ["evalsha", minimal_sha, "1", "limit:{c__rand_int__}", "1", str(allowance)]
         return redis_benchmark(redis.port, DB_SCRATCH, load.redis_requests, *cmd, keyspace=keyspace)
 
-    def reserve(allowance: int, keyspace: int) -> tuple[float, float]:
+    def reserve(allowance: int, keyspace: int, sha: str = reserve_sha) -> tuple[float, float]:
         # Each __rand_int__ is drawn on its own, so the three keys name different
         # coaches: the work per call is the script's, only the coach it lands on is random.
-        cmd = reserve_command(reserve_sha, coach="c__rand_int__", allowance=allowance, now=now)
+        cmd = reserve_command(sha, coach="c__rand_int__", allowance=allowance, now=now)
         return redis_benchmark(redis.port, DB_SCRATCH, load.redis_requests, *cmd, keyspace=keyspace)
 
     # A coach's first call of a month creates its keys (and gives them their expiry);
@@ -228,11 +243,15 @@ async def bench_limit(report: Report, redis: RedisServer, load: Load) -> None:
     reserve(10**9, 10_000)
     later_min, later_min_p99 = minimal(10**9, 10_000)
     later_res, later_res_p99 = reserve(10**9, 10_000)
+    await client.flushdb()
+    reserve(10**9, 10_000, commands_sha)
+    bare_res, bare_res_p99 = reserve(10**9, 10_000, commands_sha)
     rows = [
         ("minimal check-and-increment, new keys", fresh_min, fresh_min_p99),
         ("this service's reserve.lua, a coach's first call of the month", fresh_res, fresh_res_p99),
         ("minimal check-and-increment, existing keys", later_min, later_min_p99),
         ("this service's reserve.lua, a coach's later calls", later_res, later_res_p99),
+        ("reserve.lua's four commands alone, existing keys", bare_res, bare_res_p99),
     ]
     for name, rate, p99 in rows:
         report.add("limit", f"redis-benchmark EVALSHA {name}", rate, "calls/s", f"p99 {p99} ms")
@@ -242,6 +261,13 @@ async def bench_limit(report: Report, redis: RedisServer, load: Load) -> None:
         fresh_res / fresh_min,
         "x",
         "creates 3 keys and sets their expiry",
+    )
+    report.add(
+        "limit",
+        "reserve.lua's four commands alone vs minimal script, existing keys",
+        bare_res / later_min,
+        "x",
+        "what the data each reserve keeps costs, before any check",
     )
     report.target(
         "reserve script vs minimal script (redis-benchmark, existing keys)",
