@@ -25,8 +25,10 @@ local function num(v)
   return tonumber(v) or 0
 end
 
+local RECORD = '^(%a)|(%d+)|(%d+)|(.*)$'
+
 local function parse_record(rec)
-  local state, cost, expires, feature = string.match(rec, '^(%a)|(%d+)|(%d+)|(.*)$')
+  local state, cost, expires, feature = string.match(rec, RECORD)
   return state, tonumber(cost), tonumber(expires), feature
 end
 
@@ -137,7 +139,8 @@ local function settle_target(account, holds, events, events_max, now, token, bat
     rec, held, seq = unpack(redis.call('HMGET', account, field, 'held', 'seq'))
     held, seq = num(held), num(seq)
   end
-  local state, cost, expires, feature = parse_record(rec)
+  local state, cost_text, expires_text, feature = string.match(rec, RECORD)
+  local cost, expires = tonumber(cost_text), tonumber(expires_text)
   if state == 'h' and expires <= now then
     expire_hold(account, holds, events, events_max, token, cost, expires, feature)
     state, held = 'e', held - cost
@@ -146,14 +149,14 @@ local function settle_target(account, holds, events, events_max, now, token, bat
     end
   end
   return {prior = prior, state = state, cost = cost, expires = expires, feature = feature,
-          used = used, held = held, seq = seq, rec = rec}
+          used = used, held = held, seq = seq, rec = rec, cost_text = cost_text}
 end
 
 -- A live hold leaves the holds, settled as `state` (c or r) and logged as `kind` at
 -- `now` (ms, as text); a commit also adds its cost to used. Updates `t` (from
 -- settle_target) to match.
 local function settle_hold(account, holds, events, events_max, now, token, t, state, kind)
-  local cost = string.match(t.rec, '^%a|(%d+)|')
+  local cost = t.cost_text
   t.held = t.held - t.cost
   local fields = {'r:' .. token, state .. string.sub(t.rec, 2), 'held', t.held}
   if state == 'c' then
