@@ -180,6 +180,7 @@ def create_app(
         try:
             yield
         finally:
+            await app.state.store.drain()
             if redis is None:
                 await client.aclose()
 

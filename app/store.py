@@ -27,6 +27,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from app import domain
+from app.coalesce import Coalescer
 from app.domain import (
     IDEMPOTENCY_TTL_SECONDS,
     Period,
@@ -340,6 +341,7 @@ class CreditStore:
         op_timeout_seconds: float = 2.5,
         clock: Clock = utc_now,
         metrics: Metrics | None = None,
+        coalesce: bool = True,
     ) -> None:
         self.redis = redis
         self.allowance = allowance
@@ -376,6 +378,11 @@ class CreditStore:
         # hosts run more than one), and the one used last.
         self._watchdogs: dict[asyncio.AbstractEventLoop, _Watchdog] = {}
         self._watchdog: _Watchdog | None = None
+        # On one Redis server, script calls made in the same loop turn share one write
+        # (app.coalesce); a cluster routes each call by its key, one by one.
+        self.coalesce = coalesce and isinstance(redis, Redis)
+        self._coalescers: dict[asyncio.AbstractEventLoop, Coalescer] = {}
+        self._coalescer: Coalescer | None = None
 
     # --- plumbing --------------------------------------------------------------------
 
@@ -418,6 +425,27 @@ class CreditStore:
         self._watchdog = dog
         return dog
 
+    def _coalescer_here(self) -> Coalescer:
+        loop = asyncio.get_running_loop()
+        coalescer = self._coalescer
+        if coalescer is None or coalescer.loop is not loop:
+            coalescer = self._coalescers.get(loop)
+            if coalescer is None:
+                for gone in [old for old in list(self._coalescers) if old.is_closed()]:
+                    self._coalescers.pop(gone, None)
+                assert isinstance(self.redis, Redis)  # coalescing is for one server only
+                coalescer = self._coalescers[loop] = Coalescer(
+                    self.redis, loop, self.op_timeout_seconds
+                )
+            self._coalescer = coalescer
+        return coalescer
+
+    async def drain(self) -> None:
+        """Wait for this loop's script calls in flight; before closing the client."""
+        coalescer = self._coalescers.get(asyncio.get_running_loop())
+        if coalescer is not None:
+            await coalescer.drain()
+
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Reply:
         started = time.perf_counter()
         script = self.scripts[name]
@@ -426,7 +454,12 @@ class CreditStore:
         watch = self._watch()
         try:
             try:
-                raw = await self.redis.evalsha(script.sha, len(keys), *keys, *args)
+                if self.coalesce:
+                    raw = await self._coalescer_here().call(
+                        "EVALSHA", script.sha, len(keys), *keys, *args
+                    )
+                else:
+                    raw = await self.redis.evalsha(script.sha, len(keys), *keys, *args)
             except asyncio.CancelledError as exc:
                 if watch.timed_out():
                     raise TimeoutError from exc
@@ -774,7 +807,11 @@ class CreditStore:
 
     async def usage(self, coach_id: str) -> Usage:
         self.check_coach_id(coach_id)
-        return (await self.usage_many([coach_id]))[0]
+        now = self.clock()
+        info = self._period_info(now)
+        keys = period_keys(coach_id, info.period)
+        reply = await self._run("get_usage", [keys.account, keys.holds], [domain.to_ms(now)])
+        return self._usage(coach_id, info.period, reply.used, reply.held)
 
     async def usage_many(self, coach_ids: Sequence[str]) -> list[Usage]:
         """Counters for many coaches in one pipelined round trip (per node)."""
@@ -787,6 +824,16 @@ class CreditStore:
         pairs = [period_keys(c, period) for c in coach_ids]
 
         async def run(send_source: bool = False) -> list[Any]:
+            if self.coalesce and not send_source:
+                # One command per coach on the shared write: no pipeline object, and no
+                # SCRIPT EXISTS round trip before it (a NOSCRIPT comes back instead).
+                send = self._coalescer_here().call
+                sha = script.sha
+                return list(
+                    await asyncio.gather(
+                        *(send("EVALSHA", sha, 2, k.account, k.holds, now_ms) for k in pairs)
+                    )
+                )
             if isinstance(self.redis, RedisCluster):
                 # Cluster pipelines cannot load scripts; bounded fan-out instead.
                 sem = asyncio.Semaphore(64)

@@ -318,6 +318,9 @@ async def bench_python(report: Report, redis: RedisServer, load: Load) -> None:
     client = connect(Settings(redis_url=redis.url(DB_SERVICE)))
     store = CreditStore(client)
     await store.ensure_scripts()
+    # The same store sending each call on its own round trip: what its own Python costs
+    # beside a bare call, with nothing shared between callers.
+    one_by_one = CreditStore(client, coalesce=False)
     reserve_sha = store.scripts["reserve"].sha
     commit_sha = store.scripts["commit"].sha
 
@@ -330,6 +333,11 @@ async def bench_python(report: Report, redis: RedisServer, load: Load) -> None:
     async def cycle(i: int) -> object:
         reservation, _ = await store.reserve(f"store-{random.randrange(space)}", "checkin_draft")
         return await store.commit(str(reservation.reservation_id))
+
+    async def cycle_one_by_one(i: int) -> object:
+        coach = f"store-{random.randrange(space)}"
+        reservation, _ = await one_by_one.reserve(coach, "checkin_draft")
+        return await one_by_one.commit(str(reservation.reservation_id))
 
     # Like for like: the same client settings and the same two scripts with the same
     # KEYS/ARGV, called straight through redis-py: what the store adds is its own work.
@@ -350,6 +358,7 @@ async def bench_python(report: Report, redis: RedisServer, load: Load) -> None:
         ("limits", limits_hit, n, 1),
         ("store", cycle, n // 2, 2),
         ("same", bare_cycle, n // 2, 2),
+        ("one_by_one", cycle_one_by_one, n // 2, 2),
     ]
     best: dict[str, float] = {}
     for _ in range(1 if report.quick else 2):
@@ -382,7 +391,20 @@ async def bench_python(report: Report, redis: RedisServer, load: Load) -> None:
         "cycles/s",
         "64 tasks, uvloop; 2 script calls each",
     )
-    store_rate = report.add("service", "store script calls", best["store"], "calls/s")
+    store_rate = report.add(
+        "service",
+        "store script calls",
+        best["store"],
+        "calls/s",
+        "calls made in one loop turn share one write to Redis",
+    )
+    one_rate = report.add(
+        "service",
+        "store script calls, each on its own round trip (coalesce=False)",
+        best["one_by_one"],
+        "calls/s",
+        "the store's own Python beside a bare call",
+    )
     same_rate = report.add(
         "peer",
         "redis-py EVALSHA reserve.lua + commit.lua (service's client)",
@@ -393,6 +415,13 @@ async def bench_python(report: Report, redis: RedisServer, load: Load) -> None:
     report.target("store calls vs bare EVALSHA of the same scripts", store_rate / same_rate, 0.9)
     report.target("store calls vs bare EVALSHA of the minimal script", store_rate / bare_rate, 0.9)
     report.target("store calls vs limits hits", store_rate / peer_rate, 1.0)
+    report.add(
+        "service",
+        "store calls one by one vs bare EVALSHA of the same scripts",
+        one_rate / same_rate,
+        "x",
+        "without sharing writes",
+    )
 
 
 # --- HTTP: the floor and this service under wrk ----------------------------------------

@@ -35,6 +35,9 @@ AOF = ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec"]
 #: A generous bound on anything that should take well under a second: it only stops a
 #: hung test, it asserts nothing about speed.
 HANG_GUARD_SECONDS = 30.0
+#: Rounds of 4 coaches x 10 actions at most, under connection cuts, until one cut has
+#: met a request in flight.
+CUT_ROUNDS = 50
 
 
 @pytest.fixture
@@ -244,8 +247,8 @@ async def test_connections_killed_mid_request_give_503_or_success_and_heal(
     server = make_redis()
     settings = Settings(redis_url=server.url, redis_timeout_seconds=1.0, redis_max_connections=8)
     killer = Redis.from_url(server.url, decode_responses=True)
-    coaches = [f"cut-{i}" for i in range(4)]
-    charged: dict[str, int] = dict.fromkeys(coaches, 0)
+    coaches: list[str] = []
+    charged: dict[str, int] = {}
     statuses: list[int] = []
     stop = asyncio.Event()
 
@@ -290,7 +293,15 @@ async def test_connections_killed_mid_request_give_503_or_success_and_heal(
             killing = asyncio.create_task(kill_connections())
             try:
                 async with asyncio.timeout(HANG_GUARD_SECONDS):
-                    await asyncio.gather(*(work(api, c) for c in coaches))
+                    # Calls in flight share connections and are brief: a cut lands on
+                    # one only now and then, so rounds go on until one has (bounded).
+                    for round_ in range(CUT_ROUNDS):
+                        fresh = [f"cut-{round_}-{i}" for i in range(4)]
+                        coaches.extend(fresh)
+                        charged.update(dict.fromkeys(fresh, 0))
+                        await asyncio.gather(*(work(api, c) for c in fresh))
+                        if 503 in statuses:
+                            break
             finally:
                 stop.set()
                 kills = await killing

@@ -1,0 +1,112 @@
+"""Redis commands made in one event-loop turn, sent in one write.
+
+Under load many tasks call Redis at once, each paying a pool checkout, a write, a wait
+for its own reply and the event-loop turns in between. A ``Coalescer`` collects the
+commands issued while the loop is busy and, when the turn ends, writes them together on
+one pooled connection and hands each caller its own reply as it is read (replies come
+back in order). The caller still awaits only its own command; an error reply (say
+NOSCRIPT) reaches only the caller whose command earned it.
+
+Only for one plain Redis server: a Redis Cluster routes by key, so its calls go one by
+one as before. Nothing here knows the scripts or the keys; ``app.store`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Final
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+#: Commands per write at most: a larger burst goes out as several writes on several
+#: connections, so one batch never keeps Redis busy for long.
+MAX_BATCH: Final = 256
+
+
+class Coalescer:
+    """Batches the commands one event loop sends to one Redis client.
+
+    ``timeout_seconds`` bounds each write and the reading of all its replies (a stalled
+    Redis must not keep the connection, or the callers, forever); callers keep their own
+    deadlines too."""
+
+    __slots__ = ("_pending", "_sending", "loop", "redis", "timeout_seconds")
+
+    def __init__(
+        self, redis: Redis, loop: asyncio.AbstractEventLoop, timeout_seconds: float
+    ) -> None:
+        self.redis = redis
+        self.loop = loop
+        self.timeout_seconds = timeout_seconds
+        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        # Writes in flight, kept so they are not collected mid-way and can be awaited.
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def call(self, *command: Any) -> asyncio.Future[Any]:
+        """Queue one command; the future gets its reply, or the error it met."""
+        future: asyncio.Future[Any] = self.loop.create_future()
+        if not self._pending:
+            self.loop.call_soon(self._flush)
+        self._pending.append((command, future))
+        return future
+
+    def _flush(self) -> None:
+        # A caller that gave up before its command left (cancelled, timed out) is
+        # dropped here: its command is never sent.
+        pending = [item for item in self._pending if not item[1].done()]
+        self._pending = []
+        for start in range(0, len(pending), MAX_BATCH):
+            task = self.loop.create_task(self._send(pending[start : start + MAX_BATCH]))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        answered = 0
+        try:
+            async with asyncio.timeout(self.timeout_seconds):
+                pool = self.redis.connection_pool
+                connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+                try:
+                    await connection.send_packed_command(
+                        connection.pack_commands([command for command, _ in batch]),
+                        check_health=False,
+                    )
+                    for _, future in batch:
+                        try:
+                            reply = await connection.read_response()
+                        except redis_errors.ResponseError as exc:
+                            # An error reply is read in full: the connection stays in step.
+                            if not future.done():
+                                future.set_exception(exc)
+                        else:
+                            if not future.done():
+                                future.set_result(reply)
+                        answered += 1
+                except BaseException:
+                    # Replies may be left unread: the connection is out of step for good.
+                    # (redis-py drops it itself on a failed read; this covers the rest.)
+                    await connection.disconnect(nowait=True)
+                    raise
+                finally:
+                    await pool.release(connection)
+        except TimeoutError:
+            _fail(batch[answered:], redis_errors.TimeoutError("Timeout reading from Redis"))
+        except asyncio.CancelledError:
+            _fail(batch[answered:], redis_errors.ConnectionError("Redis call abandoned"))
+            raise
+        except Exception as exc:  # each caller maps what it gets to its own error
+            _fail(batch[answered:], exc)
+
+    async def drain(self) -> None:
+        """Wait for the writes in flight (and the ones queued now) to finish."""
+        if self._pending:
+            self._flush()
+        while self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
+
+
+def _fail(items: list[tuple[tuple[Any, ...], asyncio.Future[Any]]], exc: BaseException) -> None:
+    for _, future in items:
+        if not future.done():
+            future.set_exception(exc)
