@@ -236,13 +236,27 @@ async def bench_limit(report: Report, redis: RedisServer, load: Load) -> None:
     # every later call finds them. Both scripts run both ways, on fresh keys drawn from a
     # million, then on 10,000 keys that already exist, with an allowance nothing reaches
     # so every call takes the path that holds.
-    fresh_min, fresh_min_p99 = minimal(ALLOWANCE, 1_000_000)
-    fresh_res, fresh_res_p99 = reserve(ALLOWANCE, 1_000_000)
+    # Interleaved rounds, best of each (as for the Python rows): a neighbour's burst
+    # during one run then costs that run, not the comparison.
+    rounds = 1 if report.quick else 2
+    best: dict[str, tuple[float, float]] = {}
+
+    def keep(name: str, result: tuple[float, float]) -> None:
+        best[name] = max(best.get(name, (0.0, 0.0)), result)
+
+    for _ in range(rounds):
+        await client.flushdb()
+        keep("fresh_min", minimal(ALLOWANCE, 1_000_000))
+        await client.flushdb()
+        keep("fresh_res", reserve(ALLOWANCE, 1_000_000))
     await client.flushdb()
     minimal(10**9, 10_000)  # creates the keys the timed runs find
     reserve(10**9, 10_000)
-    later_min, later_min_p99 = minimal(10**9, 10_000)
-    later_res, later_res_p99 = reserve(10**9, 10_000)
+    for _ in range(rounds):
+        keep("later_min", minimal(10**9, 10_000))
+        keep("later_res", reserve(10**9, 10_000))
+    (fresh_min, fresh_min_p99), (fresh_res, fresh_res_p99) = best["fresh_min"], best["fresh_res"]
+    (later_min, later_min_p99), (later_res, later_res_p99) = best["later_min"], best["later_res"]
     await client.flushdb()
     reserve(10**9, 10_000, commands_sha)
     bare_res, bare_res_p99 = reserve(10**9, 10_000, commands_sha)
@@ -254,7 +268,8 @@ async def bench_limit(report: Report, redis: RedisServer, load: Load) -> None:
         ("reserve.lua's four commands alone, existing keys", bare_res, bare_res_p99),
     ]
     for name, rate, p99 in rows:
-        report.add("limit", f"redis-benchmark EVALSHA {name}", rate, "calls/s", f"p99 {p99} ms")
+        note = f"p99 {p99} ms" + (f"; best of {rounds}" if rounds > 1 else "")
+        report.add("limit", f"redis-benchmark EVALSHA {name}", rate, "calls/s", note)
     report.add(
         "limit",
         "reserve.lua vs minimal script, first call of a coach-month",

@@ -30,6 +30,8 @@ EXPECTED_ROWS = [
     ("peer", "redis-py EVALSHA reserve.lua + commit.lua"),
     ("service", "store reserve->commit cycles"),
     ("service", "store script calls"),
+    ("service", "store script calls, each on its own round trip"),
+    ("service", "store calls one by one vs bare EVALSHA of the same scripts"),
     ("floor", "minimal FastAPI + 1 EVALSHA, 1 worker (before 1w)"),
     ("floor", "minimal FastAPI + 1 EVALSHA, 1 worker (before 2w)"),
     ("floor", "minimal FastAPI + 1 EVALSHA, 1 worker (after)"),
