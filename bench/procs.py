@@ -4,6 +4,7 @@ servers, and the load tools (wrk, redis-benchmark)."""
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -146,3 +147,51 @@ class Uvicorn:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
+
+
+class CpuMeter:
+    """CPU seconds used over a span by a process group (a server and its workers), one
+    process (redis-server) and this process's waited-for children (wrk): who had the
+    cores while a load ran."""
+
+    def __init__(self, group: int, process: int) -> None:
+        self.group = group
+        self.process = process
+        self.start = self._read()
+
+    @staticmethod
+    def _stat(pid: int) -> tuple[int, float] | None:
+        """(process group, CPU seconds) of one live process."""
+        try:
+            raw = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = raw.rsplit(")", 1)[1].split()  # the name may hold spaces or ')'
+        ticks = os.sysconf("SC_CLK_TCK")
+        return int(fields[2]), (int(fields[11]) + int(fields[12])) / ticks
+
+    def _read(self) -> tuple[float, float, float, float]:
+        group = 0.0
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                stat = self._stat(int(entry.name))
+                if stat is not None and stat[0] == self.group:
+                    group += stat[1]
+        own = self._stat(self.process)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return (
+            group,
+            own[1] if own else 0.0,
+            children.ru_utime + children.ru_stime,
+            time.monotonic(),
+        )
+
+    def shares(self) -> tuple[float, float, float]:
+        """Cores used since the start, on average: (group, process, children)."""
+        end = self._read()
+        span = end[3] - self.start[3]
+        return (
+            (end[0] - self.start[0]) / span,
+            (end[1] - self.start[1]) / span,
+            (end[2] - self.start[2]) / span,
+        )

@@ -37,7 +37,7 @@ from app.domain import Period
 from app.main import connect
 from app.store import CreditStore, ReserveItem, load_script_source, period_keys
 from bench.floor_app import MINIMAL_SCRIPT
-from bench.procs import VENV_BIN, RedisServer, Uvicorn, ensure_tool, free_port
+from bench.procs import VENV_BIN, CpuMeter, RedisServer, Uvicorn, ensure_tool, free_port
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 WRK_DIR: Final = Path(__file__).resolve().parent / "wrk"
@@ -582,7 +582,19 @@ async def bench_http(report: Report, redis: RedisServer, load: Load) -> None:
         with Uvicorn(argv, service_env(redis), port) as srv:
             wrk(srv.base, "reserve", 1, key=API_KEY)  # warm-up
             runs: dict[str, WrkResult] = {}
+            assert srv.proc is not None
+            assert redis.proc is not None
+            meter = CpuMeter(srv.proc.pid, redis.proc.pid)
             runs["reserve"] = wrk(srv.base, "reserve", secs, key=API_KEY)
+            served, stored, loaded = meter.shares()
+            cores = os.cpu_count() or 1
+            report.add(
+                "cpu",
+                f"cores busy during HTTP reserve, {workers} worker(s)",
+                served + stored + loaded,
+                f"of {cores} cores",
+                f"workers {served:.2f}, redis-server {stored:.2f}, wrk {loaded:.2f}",
+            )
             wanted = int(runs["reserve"].rps * secs * 1.5) + 1000
             ids = await make_reservations(redis, wanted, f"commit{workers}")
             runs["commit"] = wrk(srv.base, "commit", secs, key=API_KEY, ids_file=ids)
