@@ -14,6 +14,7 @@ local account, holds, events = KEYS[1], KEYS[2], KEYS[3]
 local now, token = tonumber(ARGV[1]), ARGV[2]
 local batch, events_max = tonumber(ARGV[3]), tonumber(ARGV[4])
 keys_expire_at = ARGV[5]
+define_helpers()
 
 local t = settle_target(account, holds, events, events_max, now, token, batch)
 if not t then

@@ -14,6 +14,7 @@
 --        `limit` events "<seq>|<ms>|<kind>|<token>|<feature>|<cost>", newest first
 local account, holds, events = KEYS[1], KEYS[2], KEYS[3]
 local now, before, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+define_helpers()
 
 local used, held, _, nxt = counters(account)
 local reply = {'OK', used, effective_held(holds, now, held, nxt), '', '', 0, 0, '', '', swept}

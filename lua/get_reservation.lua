@@ -9,6 +9,7 @@
 --   NOT_FOUND  no such reservation
 local account, holds = KEYS[1], KEYS[2]
 local now, token = tonumber(ARGV[1]), ARGV[2]
+define_helpers()
 
 local rec, used, held, nxt = unpack(redis.call('HMGET', account, 'r:' .. token, 'used', 'held', 'next'))
 if not rec then

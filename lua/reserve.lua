@@ -24,8 +24,14 @@ local idem_ttl, period = ARGV[8], ARGV[9]
 local batch, events_max = tonumber(ARGV[10]), tonumber(ARGV[11])
 keys_expire_at = ARGV[7]
 
-local used, held, seq, nxt, exists = counters(account)
-if sweep_due(held, nxt, now) then
+-- The common path (no lapsed hold, no idempotency key, credits left) is written out
+-- with no helper: defining them costs more than the checks (see define_helpers).
+local got = redis.call('HMGET', account, 'used', 'held', 'seq', 'next')
+local used, held, seq, nxt = tonumber(got[1]) or 0, tonumber(got[2]) or 0, tonumber(got[3]) or 0, tonumber(got[4])
+-- held is written with the first hold and never removed: it tells whether the hash exists.
+local exists = got[2] ~= false
+if held > 0 and (nxt == nil or nxt <= now) then -- some hold may have lapsed (sweep_due)
+  define_helpers()
   release_lapsed(account, holds, events, events_max, now, batch, nxt)
   used, held, seq, nxt, exists = counters(account)
 end
@@ -33,6 +39,7 @@ end
 if idem then
   local seen = redis.call('GET', idem)
   if seen then
+    define_helpers()
     local seen_feature, seen_period, seen_token = string.match(seen, '^(.*)|(.*)|(.*)$')
     if seen_feature ~= feature then
       return {'IDEM_REUSED', 0, 0, seen_token, '', 0, 0, seen_feature, '', swept}
@@ -54,6 +61,7 @@ if idem then
 end
 
 if used + held + cost > allowance then
+  define_helpers()
   -- Only near exhaustion is it worth releasing beyond one batch: a refusal must be real.
   while used + held + cost > allowance and sweep_due(held, nxt, now)
     and release_lapsed(account, holds, events, events_max, now, batch, nxt) > 0 do
@@ -65,16 +73,22 @@ if used + held + cost > allowance then
   end
 end
 
--- The hold, the new counters, `next` and the event number in one write.
-local fields = {'r:' .. token, record('h', ARGV[4], ARGV[5], feature), 'held', held + cost}
-if held == 0 or not nxt or expires < nxt then
-  fields[5], fields[6] = 'next', ARGV[5]
-end
+-- The hold, the new counters, `next` and the event number in one write (a record is
+-- built as record() would build it).
+local rec = 'h|' .. ARGV[4] .. '|' .. ARGV[5] .. '|' .. feature
+local moves_next = held == 0 or not nxt or expires < nxt
 if events_max > 0 then
-  local n = #fields
-  fields[n + 1], fields[n + 2] = 'seq', seq + 1
+  seq = seq + 1
+  if moves_next then
+    redis.call('HSET', account, 'r:' .. token, rec, 'held', held + cost, 'seq', seq, 'next', ARGV[5])
+  else
+    redis.call('HSET', account, 'r:' .. token, rec, 'held', held + cost, 'seq', seq)
+  end
+elseif moves_next then
+  redis.call('HSET', account, 'r:' .. token, rec, 'held', held + cost, 'next', ARGV[5])
+else
+  redis.call('HSET', account, 'r:' .. token, rec, 'held', held + cost)
 end
-redis.call('HSET', account, unpack(fields))
 redis.call('ZADD', holds, ARGV[5], token .. ':' .. ARGV[4])
 if not exists then
   redis.call('PEXPIREAT', account, keys_expire_at)
@@ -84,7 +98,13 @@ if held == 0 or not nxt then
   redis.call('PEXPIREAT', holds, keys_expire_at)
 end
 if events_max > 0 then
-  push_event(events, events_max, seq + 1, ARGV[1], 'held', token, feature, ARGV[4])
+  -- push_event, written out.
+  local n = redis.call('LPUSH', events, seq .. '|' .. ARGV[1] .. '|held|' .. token .. '|' .. feature .. '|' .. ARGV[4])
+  if n == 1 then
+    redis.call('PEXPIREAT', events, keys_expire_at)
+  elseif n > events_max then
+    redis.call('LTRIM', events, 0, events_max - 1)
+  end
 end
 if idem then
   redis.call('SET', idem, feature .. '|' .. period .. '|' .. token, 'PX', idem_ttl)
