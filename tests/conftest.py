@@ -88,6 +88,22 @@ async def backend(
     await client.aclose()
 
 
+@pytest.fixture(params=["fakeredis", "redis"])
+async def single_redis(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
+    """One Redis server, fakeredis and a real one: for what does not depend on the
+    topology (no cluster)."""
+    client: Redis
+    if request.param == "fakeredis":
+        client = fakeredis.FakeAsyncRedis(decode_responses=True)
+    else:
+        server: RedisProcess = request.getfixturevalue("redis_server")
+        client = Redis.from_url(server.url, decode_responses=True)
+    await client.flushall()
+    yield client
+    await client.flushall()
+    await client.aclose()
+
+
 @pytest.fixture
 def settings() -> Settings:
     return Settings()

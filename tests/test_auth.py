@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import fakeredis
 import httpx
 import pytest
 from redis.asyncio import Redis
@@ -12,10 +11,8 @@ from redis.asyncio import Redis
 from app.config import Scope, Settings
 from app.domain import Period, ReservationId
 from app.main import create_app
-from app.store import AnyRedis
 from tests.conftest import FrozenClock
 from tests.http_helpers import assert_problem, snapshot
-from tests.redis_procs import RedisProcess
 
 WORKER = "worker-key-0123456789abcdef"
 READER = "reader-key-0123456789abcdef"
@@ -28,24 +25,8 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-@pytest.fixture(params=["fakeredis", "redis"])
-async def redis(request: pytest.FixtureRequest) -> AsyncIterator[AnyRedis]:
-    """Access control does not depend on the backend, so one real Redis run is enough
-    beside fakeredis (no cluster)."""
-    client: AnyRedis
-    if request.param == "fakeredis":
-        client = fakeredis.FakeAsyncRedis(decode_responses=True)
-    else:
-        server: RedisProcess = request.getfixturevalue("redis_server")
-        client = Redis.from_url(server.url, decode_responses=True)
-    await client.flushall()
-    yield client
-    await client.flushall()
-    await client.aclose()
-
-
 @pytest.fixture
-async def client(redis: AnyRedis, clock: FrozenClock) -> AsyncIterator[httpx.AsyncClient]:
+async def client(single_redis: Redis, clock: FrozenClock) -> AsyncIterator[httpx.AsyncClient]:
     settings = Settings(
         api_keys={
             WORKER: [Scope.WORKER],
@@ -54,7 +35,7 @@ async def client(redis: AnyRedis, clock: FrozenClock) -> AsyncIterator[httpx.Asy
             ADMIN: [Scope.ADMIN],
         }
     )
-    app = create_app(settings, redis=redis, clock=clock)
+    app = create_app(settings, redis=single_redis, clock=clock)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://credits") as c:
@@ -97,10 +78,10 @@ BAD_CREDENTIALS: dict[str, dict[str, str]] = {
 
 
 async def test_without_a_valid_key_every_route_is_401(
-    client: httpx.AsyncClient, redis: AnyRedis
+    client: httpx.AsyncClient, single_redis: Redis
 ) -> None:
     rid = await _reservation(client)
-    before = await snapshot(redis)
+    before = await snapshot(single_redis)
     assert before
     for name, headers in BAD_CREDENTIALS.items():
         for route, (method, path, body) in _requests(rid).items():
@@ -108,7 +89,7 @@ async def test_without_a_valid_key_every_route_is_401(
             assert resp.status_code == 401, (name, route, resp.text)
             assert_problem(resp, 401, "unauthorized")
             assert resp.headers["WWW-Authenticate"].startswith("Bearer"), (name, route)
-    assert await snapshot(redis) == before
+    assert await snapshot(single_redis) == before
 
 
 async def test_a_bad_key_is_401_even_with_a_bad_body(client: httpx.AsyncClient) -> None:
@@ -127,19 +108,19 @@ ALLOWED: dict[str, set[str]] = {
 
 
 @pytest.mark.parametrize("key", [WORKER, READER, ADMIN], ids=["worker", "reader", "admin"])
-async def test_scopes(client: httpx.AsyncClient, redis: AnyRedis, key: str) -> None:
+async def test_scopes(client: httpx.AsyncClient, single_redis: Redis, key: str) -> None:
     for route in _requests("x"):
         # A fresh hold for each route, so a commit and a refund each find one to settle.
         rid = await _reservation(client, ADMIN)
         method, path, body = _requests(rid)[route]
-        before = await snapshot(redis)
+        before = await snapshot(single_redis)
         resp = await client.request(method, path, json=body, headers=bearer(key))
         if route in ALLOWED[key]:
             assert resp.status_code in (200, 201), (route, resp.text)
         else:
             assert resp.status_code == 403, (route, resp.text)
             assert_problem(resp, 403, "forbidden")
-            assert await snapshot(redis) == before, route
+            assert await snapshot(single_redis) == before, route
 
 
 async def test_operations_routes_need_no_key(client: httpx.AsyncClient) -> None:

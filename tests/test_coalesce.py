@@ -5,11 +5,10 @@ nothing, and a stalled or cut connection fails only the calls on it and is not r
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import fakeredis
 import pytest
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -20,21 +19,6 @@ from app.errors import BackendUnavailable, CreditsExhausted, ReservationNotFound
 from app.store import CreditStore
 from tests.conftest import FrozenClock
 from tests.redis_procs import RedisProcess
-
-
-@pytest.fixture(params=["fakeredis", "redis"])
-async def single(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
-    """One Redis server (coalescing is for one server): fakeredis and a real one."""
-    client: Redis
-    if request.param == "fakeredis":
-        client = fakeredis.FakeAsyncRedis(decode_responses=True)
-    else:
-        server: RedisProcess = request.getfixturevalue("redis_server")
-        client = Redis.from_url(server.url, decode_responses=True)
-    await client.flushall()
-    yield client
-    await client.flushall()
-    await client.aclose()
 
 
 class CheckoutCounter:
@@ -53,11 +37,11 @@ class CheckoutCounter:
 
 
 async def test_concurrent_calls_share_one_write_and_get_their_own_replies(
-    single: Redis, clock: FrozenClock
+    single_redis: Redis, clock: FrozenClock
 ) -> None:
-    store = CreditStore(single, clock=clock)
+    store = CreditStore(single_redis, clock=clock)
     await store.ensure_scripts()
-    counter = CheckoutCounter(single)
+    counter = CheckoutCounter(single_redis)
     coaches = [f"c{i}" for i in range(64)]
     features = ["checkin_draft" if i % 2 else "trend_analysis" for i in range(64)]
     made = await asyncio.gather(
@@ -73,12 +57,12 @@ async def test_concurrent_calls_share_one_write_and_get_their_own_replies(
 
 
 async def test_a_batch_can_mix_outcomes_and_each_caller_gets_its_own(
-    single: Redis, clock: FrozenClock
+    single_redis: Redis, clock: FrozenClock
 ) -> None:
-    store = CreditStore(single, allowance=3, clock=clock)
+    store = CreditStore(single_redis, allowance=3, clock=clock)
     await store.ensure_scripts()
     held, _ = await store.reserve("full", "trend_analysis")
-    counter = CheckoutCounter(single)
+    counter = CheckoutCounter(single_redis)
     outcomes = await asyncio.gather(
         store.reserve("full", "checkin_draft"),
         store.reserve("free", "checkin_draft"),
@@ -101,13 +85,13 @@ async def test_a_batch_can_mix_outcomes_and_each_caller_gets_its_own(
 
 
 async def test_scripts_flushed_under_a_batch_are_reloaded_once_and_every_call_lands(
-    single: Redis, clock: FrozenClock
+    single_redis: Redis, clock: FrozenClock
 ) -> None:
-    store = CreditStore(single, clock=clock)
+    store = CreditStore(single_redis, clock=clock)
     await store.ensure_scripts()
     registry = store.metrics.registry
     before = registry.get_sample_value("credits_scripts_reloaded_total") or 0.0
-    await single.script_flush()
+    await single_redis.script_flush()
     coaches = [f"f{i}" for i in range(32)]
     made = await asyncio.gather(*(store.reserve(c, "checkin_draft") for c in coaches))
     assert [r.reservation_id.coach_id for r, _ in made] == coaches
@@ -118,9 +102,9 @@ async def test_scripts_flushed_under_a_batch_are_reloaded_once_and_every_call_la
 
 
 async def test_a_caller_that_gives_up_before_the_write_sends_nothing(
-    single: Redis, clock: FrozenClock
+    single_redis: Redis, clock: FrozenClock
 ) -> None:
-    store = CreditStore(single, clock=clock)
+    store = CreditStore(single_redis, clock=clock)
     await store.ensure_scripts()
     task = asyncio.create_task(store.reserve("gave-up", "checkin_draft"))
     await asyncio.sleep(0)  # the reserve is queued; the write goes at the end of the turn
@@ -129,28 +113,28 @@ async def test_a_caller_that_gives_up_before_the_write_sends_nothing(
     with pytest.raises(asyncio.CancelledError):
         await task
     await store.drain()
-    assert await single.keys("credits:{gave-up}:*") == []
+    assert await single_redis.keys("credits:{gave-up}:*") == []
     assert (await store.usage("gave-up")).held == 0
 
 
 async def test_bursts_beyond_one_batch_go_out_as_several_writes(
-    single: Redis, clock: FrozenClock, monkeypatch: pytest.MonkeyPatch
+    single_redis: Redis, clock: FrozenClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(coalesce, "MAX_BATCH", 10)
-    store = CreditStore(single, clock=clock)
+    store = CreditStore(single_redis, clock=clock)
     await store.ensure_scripts()
-    counter = CheckoutCounter(single)
+    counter = CheckoutCounter(single_redis)
     made = await asyncio.gather(*(store.reserve(f"b{i}", "checkin_draft") for i in range(35)))
     assert counter.count == 4
     assert [r.reservation_id.coach_id for r, _ in made] == [f"b{i}" for i in range(35)]
 
 
 async def test_without_coalescing_every_call_has_its_own_round_trip(
-    single: Redis, clock: FrozenClock
+    single_redis: Redis, clock: FrozenClock
 ) -> None:
-    store = CreditStore(single, clock=clock, coalesce=False)
+    store = CreditStore(single_redis, clock=clock, coalesce=False)
     await store.ensure_scripts()
-    counter = CheckoutCounter(single)
+    counter = CheckoutCounter(single_redis)
     await asyncio.gather(*(store.reserve(f"o{i}", "checkin_draft") for i in range(5)))
     assert counter.count == 5
 
@@ -159,67 +143,65 @@ async def test_without_coalescing_every_call_has_its_own_round_trip(
 
 
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+async def own_redis(tmp_path: Path) -> AsyncIterator[tuple[Redis, Redis]]:
+    """A private server (these tests pause it and cut its connections): the store's
+    client and an admin client."""
     server = RedisProcess(tmp_path).start()
-    yield server
-    server.stop()
+    client = Redis.from_url(server.url, decode_responses=True)
+    admin = Redis.from_url(server.url, decode_responses=True)
+    try:
+        yield client, admin
+    finally:
+        await admin.aclose()
+        await client.aclose()
+        server.stop()
 
 
 async def test_a_stalled_write_fails_its_callers_and_its_connection_is_not_reused(
-    own_redis: RedisProcess, clock: FrozenClock
+    own_redis: tuple[Redis, Redis], clock: FrozenClock
 ) -> None:
-    client = Redis.from_url(own_redis.url, decode_responses=True)
-    admin = Redis.from_url(own_redis.url, decode_responses=True)
+    client, admin = own_redis
     store = CreditStore(client, clock=clock, op_timeout_seconds=0.3)
-    try:
-        await store.ensure_scripts()
-        await admin.client_pause(800, all=True)
-        stalled = await asyncio.gather(
-            *(store.reserve(f"s{i}", "checkin_draft") for i in range(8)),
-            return_exceptions=True,
-        )
-        assert all(isinstance(r, BackendUnavailable) for r in stalled), stalled
-        await store.drain()
-        await asyncio.sleep(0.8)  # the pause ends; the stalled calls then ran in Redis
-        # Their late replies were never read by anyone: the next calls get their own.
-        coalescer = store._coalescer_here()
-        echoes = await asyncio.gather(*(coalescer.call("ECHO", f"e{i}") for i in range(8)))
-        assert echoes == [f"e{i}" for i in range(8)]
-        made, _ = await store.reserve("after", "trend_analysis")
-        assert made.reservation_id.coach_id == "after"
-        assert made.cost == 3
-    finally:
-        await admin.aclose()
-        await client.aclose()
+    await store.ensure_scripts()
+    await admin.client_pause(800, all=True)
+    stalled = await asyncio.gather(
+        *(store.reserve(f"s{i}", "checkin_draft") for i in range(8)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, BackendUnavailable) for r in stalled), stalled
+    await store.drain()
+    await asyncio.sleep(0.8)  # the pause ends; the stalled calls then ran in Redis
+    # Their late replies were never read by anyone: the next calls get their own.
+    coalescer = store._coalescer_here()
+    echoes = await asyncio.gather(*(coalescer.call("ECHO", f"e{i}") for i in range(8)))
+    assert echoes == [f"e{i}" for i in range(8)]
+    made, _ = await store.reserve("after", "trend_analysis")
+    assert made.reservation_id.coach_id == "after"
+    assert made.cost == 3
 
 
 async def test_a_cut_connection_fails_the_calls_on_it_and_the_next_write_heals(
-    own_redis: RedisProcess, clock: FrozenClock
+    own_redis: tuple[Redis, Redis], clock: FrozenClock
 ) -> None:
-    client = Redis.from_url(own_redis.url, decode_responses=True)
-    admin = Redis.from_url(own_redis.url, decode_responses=True)
+    client, admin = own_redis
     store = CreditStore(client, clock=clock, op_timeout_seconds=2.0)
-    try:
-        await store.ensure_scripts()
-        await store.usage("warm")  # one pooled connection, idle now
-        # The reply never comes: the server closes the connection mid-batch.
-        coalescer = store._coalescer_here()
-        blocked = coalescer.call("BLPOP", "never", "0")
-        queued = coalescer.call("PING")
-        await asyncio.sleep(0.05)
-        assert await admin.client_kill_filter(_type="normal", skipme=True) >= 1
-        for future in (blocked, queued):
-            with pytest.raises(redis_errors.ConnectionError):
-                await future
-        made, _ = await store.reserve("healed", "checkin_draft")
-        assert made.reservation_id.coach_id == "healed"
-    finally:
-        await admin.aclose()
-        await client.aclose()
+    await store.ensure_scripts()
+    await store.usage("warm")  # one pooled connection, idle now
+    # The reply never comes: the server closes the connection mid-batch.
+    coalescer = store._coalescer_here()
+    blocked = coalescer.call("BLPOP", "never", "0")
+    queued = coalescer.call("PING")
+    await asyncio.sleep(0.05)
+    assert await admin.client_kill_filter(_type="normal", skipme=True) >= 1
+    for future in (blocked, queued):
+        with pytest.raises(redis_errors.ConnectionError):
+            await future
+    made, _ = await store.reserve("healed", "checkin_draft")
+    assert made.reservation_id.coach_id == "healed"
 
 
-async def test_drain_waits_for_writes_in_flight(single: Redis) -> None:
-    coalescer = Coalescer(single, asyncio.get_running_loop(), timeout_seconds=2.0)
+async def test_drain_waits_for_writes_in_flight(single_redis: Redis) -> None:
+    coalescer = Coalescer(single_redis, asyncio.get_running_loop(), timeout_seconds=2.0)
     futures = [coalescer.call("INCR", "drained") for _ in range(5)]
     await coalescer.drain()
     assert all(f.done() for f in futures)
