@@ -1,8 +1,9 @@
 """The ledger in Redis: key names, script calls, and decoding their replies.
 
-This is the only module that knows Redis. Every change is one Lua script call on one
-coach's keys; Python picks the period, the clock reading, the expiries and the key
-names and passes them in, so month boundaries are testable with a frozen clock.
+This is the only module that knows the keys and the scripts (``app.coalesce`` only
+carries commands). Every change is one Lua script call on one coach's keys; Python
+picks the period, the clock reading, the expiries and the key names and passes them
+in, so month boundaries are testable with a frozen clock.
 """
 
 from __future__ import annotations
