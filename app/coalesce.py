@@ -14,6 +14,7 @@ one as before. Nothing here knows the scripts or the keys; ``app.store`` does.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, Final
 
 from redis import exceptions as redis_errors
@@ -31,14 +32,20 @@ class Coalescer:
     Redis must not keep the connection, or the callers, forever); callers keep their own
     deadlines too."""
 
-    __slots__ = ("_pending", "_sending", "loop", "redis", "timeout_seconds")
+    __slots__ = ("_pending", "_sending", "loop", "observe", "redis", "timeout_seconds")
 
     def __init__(
-        self, redis: Redis, loop: asyncio.AbstractEventLoop, timeout_seconds: float
+        self,
+        redis: Redis,
+        loop: asyncio.AbstractEventLoop,
+        timeout_seconds: float,
+        observe: Callable[[float], None] | None = None,
     ) -> None:
         self.redis = redis
         self.loop = loop
         self.timeout_seconds = timeout_seconds
+        #: Told how many commands each write carries (a metric).
+        self.observe = observe
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         # Writes in flight, kept so they are not collected mid-way and can be awaited.
         self._sending: set[asyncio.Task[None]] = set()
@@ -57,7 +64,10 @@ class Coalescer:
         pending = [item for item in self._pending if not item[1].done()]
         self._pending = []
         for start in range(0, len(pending), MAX_BATCH):
-            task = self.loop.create_task(self._send(pending[start : start + MAX_BATCH]))
+            batch = pending[start : start + MAX_BATCH]
+            if self.observe is not None:
+                self.observe(len(batch))
+            task = self.loop.create_task(self._send(batch))
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
 

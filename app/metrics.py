@@ -35,6 +35,13 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=r,
         )
+        self.commands_per_write = Histogram(
+            "credits_redis_commands_per_write",
+            "Script calls sent to Redis together in one write (one Redis server: the calls "
+            "of one event-loop turn share a write).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
         self.redis_unavailable = Counter(
             "credits_redis_unavailable_total",
             "Requests answered 503 because Redis could not be reached in time.",

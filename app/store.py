@@ -436,7 +436,10 @@ class CreditStore:
                     self._coalescers.pop(gone, None)
                 assert isinstance(self.redis, Redis)  # coalescing is for one server only
                 coalescer = self._coalescers[loop] = Coalescer(
-                    self.redis, loop, self.op_timeout_seconds
+                    self.redis,
+                    loop,
+                    self.op_timeout_seconds,
+                    _adder(self.metrics.commands_per_write),
                 )
             self._coalescer = coalescer
         return coalescer

@@ -53,6 +53,13 @@ async def test_concurrent_calls_share_one_write_and_get_their_own_replies(
         assert reservation.feature == feature
     usages = await asyncio.gather(*(store.usage(c) for c in coaches))
     assert counter.count == 2
+    registry = store.metrics.registry
+    assert registry.get_sample_value("credits_redis_commands_per_write_count") == 2
+    assert registry.get_sample_value("credits_redis_commands_per_write_sum") == 128
+    # Both writes carried 64 calls: the bucket up to 32 counts none, the one up to 64 both.
+    bucket = "credits_redis_commands_per_write_bucket"
+    assert registry.get_sample_value(bucket, {"le": "32.0"}) == 0
+    assert registry.get_sample_value(bucket, {"le": "64.0"}) == 2
     assert [u.held for u in usages] == [3 if f == "trend_analysis" else 1 for f in features]
 
 
