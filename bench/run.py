@@ -575,6 +575,7 @@ async def bench_http(report: Report, redis: RedisServer, load: Load) -> None:
         wrk_row(report, "floor", f"minimal FastAPI + 1 EVALSHA, 1 worker ({when})", r)
 
     service: dict[int, dict[str, WrkResult]] = {}
+    worker_cores: dict[int, float] = {}
     for workers in (1, 2):
         floor_run(f"before {workers}w")
         port = free_port()
@@ -595,6 +596,7 @@ async def bench_http(report: Report, redis: RedisServer, load: Load) -> None:
                 f"of {cores} cores",
                 f"workers {served:.2f}, redis-server {stored:.2f}, wrk {loaded:.2f}",
             )
+            worker_cores[workers] = served
             wanted = int(runs["reserve"].rps * secs * 1.5) + 1000
             ids = await make_reservations(redis, wanted, f"commit{workers}")
             runs["commit"] = wrk(srv.base, "commit", secs, key=API_KEY, ids_file=ids)
@@ -621,6 +623,16 @@ async def bench_http(report: Report, redis: RedisServer, load: Load) -> None:
         report.target(f"HTTP {op} 1 worker vs floor req/s", one.rps / floor_rps, 0.95)
         report.target(f"HTTP {op} 1 worker p99 vs floor p99", one.p99_ms / floor_p99, 1.1, False)
         report.target(f"HTTP {op} 2 workers vs 1 worker", service[2][op].rps / one.rps, 1.8)
+    # What each worker core serves, so a ratio capped by the cores left to the workers
+    # (the cpu rows) is not read as workers getting in each other's way.
+    per_core = [service[w]["reserve"].rps / max(worker_cores[w], 1e-9) for w in (1, 2)]
+    report.add(
+        "cpu",
+        "HTTP reserve req/s per busy worker core, 2 workers vs 1",
+        per_core[1] / per_core[0],
+        "x",
+        f"{per_core[0]:,.0f} vs {per_core[1]:,.0f} req/s per core",
+    )
 
 
 async def bench_batches(report: Report, redis: RedisServer, load: Load, base: str) -> None:

@@ -36,6 +36,7 @@ EXPECTED_ROWS = [
     ("floor", "minimal FastAPI + 1 EVALSHA, 1 worker (before 2w)"),
     ("floor", "minimal FastAPI + 1 EVALSHA, 1 worker (after)"),
     ("floor", "floor around the 1-worker runs"),
+    ("cpu", "HTTP reserve req/s per busy worker core, 2 workers vs 1"),
     ("cpu", "cores busy during HTTP reserve, 1 worker"),
     ("service", "HTTP reserve, 1 worker"),
     ("service", "HTTP commit, 1 worker"),
