@@ -631,7 +631,7 @@ async def bench_http(report: Report, redis: RedisServer, load: Load) -> None:
         "HTTP reserve req/s per busy worker core, 2 workers vs 1",
         per_core[1] / per_core[0],
         "x",
-        f"{per_core[0]:,.0f} vs {per_core[1]:,.0f} req/s per core",
+        f"{per_core[1]:,.0f} (2 workers) vs {per_core[0]:,.0f} (1 worker) req/s per core",
     )
 
 
