@@ -287,14 +287,18 @@ class _Watchdog:
     ``asyncio.timeout`` starts and cancels a loop timer for every call; here a call costs
     a dict entry. The one timer fires at the earliest deadline in flight, cancels the
     tasks whose calls are past theirs (exactly as ``asyncio.timeout`` does) and is set
-    again for the next. A call that ends leaves its entry and nothing else behind."""
+    again for the next. A call that ends leaves its entry and nothing else behind.
 
-    __slots__ = ("calls", "loop", "timer", "wake_at")
+    It also keeps the loop's coalescer (on one Redis server): both are per loop, and a
+    call that has found its loop's watchdog has found its coalescer too."""
+
+    __slots__ = ("calls", "coalescer", "loop", "timer", "wake_at")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         #: Calls in flight, oldest first.
         self.calls: dict[_Watch, None] = {}
+        self.coalescer: Coalescer | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.wake_at = math.inf
 
@@ -382,8 +386,6 @@ class CreditStore:
         # On one Redis server, script calls made in the same loop turn share one write
         # (app.coalesce); a cluster routes each call by its key, one by one.
         self.coalesce = coalesce and isinstance(redis, Redis)
-        self._coalescers: dict[asyncio.AbstractEventLoop, Coalescer] = {}
-        self._coalescer: Coalescer | None = None
 
     # --- plumbing --------------------------------------------------------------------
 
@@ -426,29 +428,31 @@ class CreditStore:
         self._watchdog = dog
         return dog
 
+    def _coalescer_of(self, dog: _Watchdog) -> Coalescer:
+        """The coalescer of the watchdog's loop, made on first use."""
+        coalescer = dog.coalescer
+        if coalescer is None:
+            assert isinstance(self.redis, Redis)  # coalescing is for one server only
+            coalescer = dog.coalescer = Coalescer(
+                self.redis,
+                dog.loop,
+                self.op_timeout_seconds,
+                _adder(self.metrics.commands_per_write),
+            )
+        return coalescer
+
     def _coalescer_here(self) -> Coalescer:
         loop = asyncio.get_running_loop()
-        coalescer = self._coalescer
-        if coalescer is None or coalescer.loop is not loop:
-            coalescer = self._coalescers.get(loop)
-            if coalescer is None:
-                for gone in [old for old in list(self._coalescers) if old.is_closed()]:
-                    self._coalescers.pop(gone, None)
-                assert isinstance(self.redis, Redis)  # coalescing is for one server only
-                coalescer = self._coalescers[loop] = Coalescer(
-                    self.redis,
-                    loop,
-                    self.op_timeout_seconds,
-                    _adder(self.metrics.commands_per_write),
-                )
-            self._coalescer = coalescer
-        return coalescer
+        dog = self._watchdog
+        return self._coalescer_of(
+            dog if dog is not None and dog.loop is loop else self._watchdog_for(loop)
+        )
 
     async def drain(self) -> None:
         """Wait for this loop's script calls in flight; before closing the client."""
-        coalescer = self._coalescers.get(asyncio.get_running_loop())
-        if coalescer is not None:
-            await coalescer.drain()
+        dog = self._watchdogs.get(asyncio.get_running_loop())
+        if dog is not None and dog.coalescer is not None:
+            await dog.coalescer.drain()
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Reply:
         started = time.perf_counter()
@@ -459,7 +463,10 @@ class CreditStore:
         try:
             try:
                 if self.coalesce:
-                    raw = await self._coalescer_here().call(
+                    # _watch() has just made the watchdog of this loop the current one.
+                    dog = self._watchdog
+                    assert dog is not None
+                    raw = await (dog.coalescer or self._coalescer_of(dog)).call(
                         "EVALSHA", script.sha, len(keys), *keys, *args
                     )
                 else:
