@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
+from importlib import resources
 from typing import Any, Final, Literal, NamedTuple, TypeVar, cast
 
 from prometheus_client import Counter, Histogram
@@ -58,7 +58,7 @@ AnyRedis = Redis | RedisCluster
 Clock = Callable[[], datetime]
 T = TypeVar("T")
 
-LUA_DIR: Final = Path(__file__).resolve().parent.parent / "lua"
+LUA_DIR: Final = resources.files("app.lua")
 SCRIPT_NAMES: Final = (
     "reserve",
     "commit",
@@ -104,8 +104,8 @@ def utc_now() -> datetime:
 
 def load_script_source(name: str) -> str:
     """An operation's Lua source with the shared helpers in front of it."""
-    common = (LUA_DIR / "_common.lua").read_text()
-    return f"{common}\n{(LUA_DIR / f'{name}.lua').read_text()}"
+    common = LUA_DIR.joinpath("_common.lua").read_text()
+    return f"{common}\n{LUA_DIR.joinpath(f'{name}.lua').read_text()}"
 
 
 # --- key names -------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""The Lua scripts of the ledger, shipped inside the package as ``app.lua``."""
