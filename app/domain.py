@@ -10,11 +10,10 @@ import binascii
 import dataclasses
 import re
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Final
+from typing import Final
 
 MAX_TTL_SECONDS: Final = 3600
 MIN_TTL_SECONDS: Final = 1
@@ -229,15 +228,19 @@ class ReservationId:
     coach_id: str
     period: Period
     token: str
-    #: The text form, kept once made: ids are written out on every reservation.
-    _text: str | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    #: The text form, made once: ids are written out on every reservation.
+    text: str = dataclasses.field(compare=False, repr=False)
+
+    @classmethod
+    def of(cls, coach_id: str, period: Period, token: str) -> ReservationId:
+        encoded = _b64encode(coach_id.encode())
+        return cls(
+            coach_id, period, token, f"{encoded}.{period.year:04d}{period.month:02d}.{token}"
+        )
 
     @classmethod
     def new(cls, coach_id: str, period: Period) -> ReservationId:
-        token = _b64encode(secrets.token_bytes(_TOKEN_BYTES))
-        if cls is ReservationId:
-            return new_reservation_id(coach_id, period, token)
-        return cls(coach_id, period, token)
+        return cls.of(coach_id, period, _b64encode(secrets.token_bytes(_TOKEN_BYTES)))
 
     @classmethod
     def parse(cls, text: str) -> ReservationId | None:
@@ -246,7 +249,8 @@ class ReservationId:
             return None
         raw_coach, raw_year, raw_month, token = match.groups()
         year, month = int(raw_year), int(raw_month)
-        if not 1 <= month <= 12 or year < 1970:
+        # 9999-12 would reset in year 10000, which no date can hold.
+        if not 1 <= month <= 12 or not 1970 <= year <= 9998:
             return None
         # Reject non-canonical encodings so one hold has exactly one id. Any 22 characters
         # of the alphabet decode to 16 bytes and 4 spare bits, which only the last
@@ -261,20 +265,11 @@ class ReservationId:
             return None
         if not is_valid_coach_id(coach) or _b64encode(coach_id) != raw_coach:
             return None
-        if cls is ReservationId:
-            # Canonical in every part, so the text is the id's own text form.
-            return new_reservation_id(coach, _period(year, month), token, text)
-        return cls(coach, _period(year, month), token)
+        # Canonical in every part, so the text is the id's own text form.
+        return cls(coach, _period(year, month), token, text)
 
     def __str__(self) -> str:
-        text = self._text
-        if text is None:
-            text = (
-                f"{_b64encode(self.coach_id.encode())}.{self.period.year:04d}"
-                f"{self.period.month:02d}.{self.token}"
-            )
-            object.__setattr__(self, "_text", text)  # a cache, not a field of the value
-        return text
+        return self.text
 
 
 #: The last characters of a canonical token: alphabet positions 0, 16, 32 and 48.
@@ -327,7 +322,11 @@ class FeatureAvailability:
     available: bool
 
 
-@dataclass(frozen=True, slots=True)
+def feature_availability(costs: dict[str, int], left: int) -> tuple[FeatureAvailability, ...]:
+    return tuple(FeatureAvailability(name, cost, cost <= left) for name, cost in costs.items())
+
+
+@dataclass(slots=True)
 class Usage:
     coach_id: str
     period: Period
@@ -347,10 +346,7 @@ class Usage:
         held: int,
         costs: dict[str, int],
     ) -> Usage:
-        left = remaining(allowance, used, held)
-        features = tuple(
-            FeatureAvailability(name, cost, cost <= left) for name, cost in costs.items()
-        )
+        features = feature_availability(costs, remaining(allowance, used, held))
         return cls(coach_id, period, allowance, used, held, features)
 
     @property
@@ -370,7 +366,7 @@ class Usage:
         return self.period.resets_at
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reservation:
     reservation_id: ReservationId
     feature: str
@@ -384,92 +380,3 @@ class Reservation:
         if self.status is not Status.COMMITTED:
             return None
         return commit_note(self.cost, self.usage.remaining, self.usage.allowance)
-
-
-# --- building without the generated __init__ ---------------------------------------
-#
-# A frozen dataclass's generated __init__ sets every field through object.__setattr__,
-# a lookup and a call each. These build the same objects, field for field, by setting
-# each slot through its descriptor, which is where that call ends up: about half the
-# cost, for the objects built on every reservation and settlement. Only for frozen,
-# slotted classes with no defaults and no __post_init__, which _setters checks.
-
-Setter = Callable[[Any, Any], None]
-
-
-def _setters(cls: type, *names: str) -> tuple[Setter, ...]:
-    """Each field's slot setter, in order; refuses a class whose fields are not exactly
-    ``names`` (a builder must set them all) or that has more to do on construction."""
-    fields = dataclasses.fields(cls)
-    if (
-        tuple(f.name for f in fields) != names
-        or hasattr(cls, "__post_init__")
-        or "__slots__" not in cls.__dict__
-    ):
-        raise TypeError(f"{cls.__name__} cannot be built field by field")
-    return tuple(getattr(cls, name).__set__ for name in names)
-
-
-_new = object.__new__
-_RESERVATION_ID_SETTERS: Final = _setters(ReservationId, "coach_id", "period", "token", "_text")
-_USAGE_SETTERS: Final = _setters(
-    Usage, "coach_id", "period", "allowance", "used", "held", "features"
-)
-_RESERVATION_SETTERS: Final = _setters(
-    Reservation, "reservation_id", "feature", "cost", "status", "expires_at", "usage"
-)
-
-
-def new_reservation_id(
-    coach_id: str, period: Period, token: str, text: str | None = None
-) -> ReservationId:
-    """``ReservationId(coach_id, period, token)``, built faster; ``text``, when given,
-    must be its text form."""
-    set_coach_id, set_period, set_token, set_text = _RESERVATION_ID_SETTERS
-    rid: ReservationId = _new(ReservationId)
-    set_coach_id(rid, coach_id)
-    set_period(rid, period)
-    set_token(rid, token)
-    set_text(rid, text)
-    return rid
-
-
-def new_usage(
-    coach_id: str,
-    period: Period,
-    allowance: int,
-    used: int,
-    held: int,
-    features: tuple[FeatureAvailability, ...],
-) -> Usage:
-    """``Usage(coach_id, period, allowance, used, held, features)``, built faster."""
-    set_coach_id, set_period, set_allowance, set_used, set_held, set_features = _USAGE_SETTERS
-    usage: Usage = _new(Usage)
-    set_coach_id(usage, coach_id)
-    set_period(usage, period)
-    set_allowance(usage, allowance)
-    set_used(usage, used)
-    set_held(usage, held)
-    set_features(usage, features)
-    return usage
-
-
-def new_reservation(
-    reservation_id: ReservationId,
-    feature: str,
-    cost: int,
-    status: Status,
-    expires_at: datetime,
-    usage: Usage,
-) -> Reservation:
-    """``Reservation(reservation_id, feature, cost, status, expires_at, usage)``, built
-    faster."""
-    set_id, set_feature, set_cost, set_status, set_expires_at, set_usage = _RESERVATION_SETTERS
-    reservation: Reservation = _new(Reservation)
-    set_id(reservation, reservation_id)
-    set_feature(reservation, feature)
-    set_cost(reservation, cost)
-    set_status(reservation, status)
-    set_expires_at(reservation, expires_at)
-    set_usage(reservation, usage)
-    return reservation

@@ -148,3 +148,11 @@ class BackendUnavailable(CreditsError):
 
     def __init__(self, detail: str = "The credits store is not reachable right now.") -> None:
         super().__init__(detail + " Please retry shortly.")
+
+
+class WriteRefused(BackendUnavailable):
+    """Redis answers but refuses writes (out of memory, read-only, failed persistence):
+    the same 503 for callers, told apart so reads and /readyz keep answering."""
+
+    def __init__(self, refusal: str) -> None:
+        super().__init__(f"Redis refused the write ({refusal}).")

@@ -27,8 +27,8 @@ from app.api.routes import router
 from app.config import Settings
 from app.errors import BackendUnavailable
 from app.metrics import Metrics
-from app.packing import PackedConnection
 from app.store import AnyRedis, Clock, CreditStore, utc_now
+from app.store.shared_writes import PackedConnection
 
 log = logging.getLogger("credits")
 

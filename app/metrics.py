@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.samples import Sample
 
@@ -73,6 +75,29 @@ class Metrics:
             registry=r,
         )
         self.held_in_flight.set_function(self._held_in_flight)
+        # Each series' add method, found once: ``.labels(...)`` validates the labels and
+        # takes a lock, several times per request otherwise. Bound on first use, so
+        # /metrics lists a series only once it has happened.
+        self._series: dict[tuple[str, ...], Callable[[float], None]] = {}
+
+    def _add(self, metric: Counter | Histogram, name: str, *labels: str) -> Callable[[float], None]:
+        key = (name, *labels)
+        add = self._series.get(key)
+        if add is None:
+            child = metric.labels(*labels)
+            add = child.observe if isinstance(child, Histogram) else child.inc
+            if len(self._series) < 4096:  # features come from Redis replies too
+                self._series[key] = add
+        return add
+
+    def count(self, feature: str, outcome: str) -> None:
+        self._add(self.reservations, "reservations", feature, outcome)(1)
+
+    def add_credits(self, kind: str, amount: int) -> None:
+        self._add(self.credits, "credits", kind)(amount)
+
+    def observe_latency(self, operation: str, seconds: float) -> None:
+        self._add(self.redis_latency, "latency", operation)(seconds)
 
     def _held_in_flight(self) -> float:
         # Computed at scrape time from the counters: nothing extra on the hot path. Read

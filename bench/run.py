@@ -337,7 +337,7 @@ async def bench_python(report: Report, redis: RedisServer, load: Load) -> None:
     # beside a bare call, with nothing shared between callers.
     one_by_one = CreditStore(client, coalesce=False)
     reserve_sha = store.scripts["reserve"].sha
-    commit_sha = store.scripts["commit"].sha
+    settle_sha = store.scripts["settle"].sha
 
     async def bare_call(i: int) -> object:
         return await bare.evalsha(sha, 1, f"bare:{{c{random.randrange(space)}}}", 1, ALLOWANCE)
@@ -363,8 +363,8 @@ async def bench_python(report: Report, redis: RedisServer, load: Load) -> None:
         token = os.urandom(16).hex()
         args = [a.replace("tok__rand_int__", token) for a in cmd[3:]]
         await client.evalsha(reserve_sha, 3, *args)
-        release = [str(domain.to_ms(now)), token, "100", "10000", cmd[12]]
-        return await client.evalsha(commit_sha, 3, *args[:3], *release)
+        release = [str(domain.to_ms(now)), token, "100", "10000", cmd[12], "commit"]
+        return await client.evalsha(settle_sha, 3, *args[:3], *release)
 
     # Interleaved rounds, best of each: a neighbour's burst during one run then costs
     # that run, not the comparison. Rates are script calls per second.

@@ -23,11 +23,23 @@ local keys_expire_at
 
 local RECORD = '^(%a)|(%d+)|(%d+)|(.*)$'
 
+-- The two formats every writer shares, defined on every call (two closures cost far
+-- less than the whole helper set, which reserve's common path does without).
+-- Lua turns numbers into text with sprintf, as costly as a Redis command here: records
+-- and events are built from text the caller sent or the record already holds.
+local function record(state, cost, expires, feature)
+  return state .. '|' .. cost .. '|' .. expires .. '|' .. feature
+end
+
+local function event_line(seq, ms, kind, token, feature, cost)
+  return seq .. '|' .. ms .. '|' .. kind .. '|' .. token .. '|' .. feature .. '|' .. cost
+end
+
 -- The helpers, defined by define_helpers(). Lua makes a new closure for every function
 -- a script defines, on every call: for these that cost about as much as a Redis
 -- command, and reserve's common path needs none of them, so a script defines them only
 -- when it needs them (reserve: only off its common path).
-local num, parse_record, record, counters, sweep_due, push_event, log_event
+local num, parse_record, counters, sweep_due, push_event, log_event
 local expire_hold, release_lapsed, effective_held, settle_target, settle_hold, settle_reply
 
 local function define_helpers()
@@ -41,12 +53,6 @@ local function define_helpers()
   function parse_record(rec)
     local state, cost, expires, feature = string.match(rec, RECORD)
     return state, tonumber(cost), tonumber(expires), feature
-  end
-
-  -- Lua turns numbers into text with sprintf, as costly as a Redis command here: records,
-  -- members and events are built from text the caller sent or the record already holds.
-  function record(state, cost, expires, feature)
-    return state .. '|' .. cost .. '|' .. expires .. '|' .. feature
   end
 
   -- The account's counters: used, held, seq, next (nil without holds) and whether the
@@ -66,7 +72,7 @@ local function define_helpers()
 
   -- Pushes event number `seq` (already counted in the account's seq by the caller).
   function push_event(events, events_max, seq, ms, kind, token, feature, cost)
-    local n = redis.call('LPUSH', events, seq .. '|' .. ms .. '|' .. kind .. '|' .. token .. '|' .. feature .. '|' .. cost)
+    local n = redis.call('LPUSH', events, event_line(seq, ms, kind, token, feature, cost))
     if n == 1 then
       redis.call('PEXPIREAT', events, keys_expire_at)
     elseif n > events_max then
@@ -134,7 +140,7 @@ local function define_helpers()
     return held
   end
 
-  -- The prologue commit and refund share: the hold's record and the account's counters
+  -- The settle script's prologue: the hold's record and the account's counters
   -- once this call has released lapsed holds, its own included. Returns nil, writing
   -- nothing, for an unknown token.
   function settle_target(account, holds, events, events_max, now, token, batch)
@@ -160,7 +166,7 @@ local function define_helpers()
       end
     end
     return {prior = prior, state = state, cost = cost, expires = expires, feature = feature,
-            used = used, held = held, seq = seq, rec = rec, cost_text = cost_text}
+            used = used, held = held, seq = seq, cost_text = cost_text, expires_text = expires_text}
   end
 
   -- A live hold leaves the holds, settled as `state` (c or r) and logged as `kind` at
@@ -169,7 +175,7 @@ local function define_helpers()
   function settle_hold(account, holds, events, events_max, now, token, t, state, kind)
     local cost = t.cost_text
     t.held = t.held - t.cost
-    local fields = {'r:' .. token, state .. string.sub(t.rec, 2), 'held', t.held}
+    local fields = {'r:' .. token, record(state, cost, t.expires_text, t.feature), 'held', t.held}
     if state == 'c' then
       t.used = t.used + t.cost
       fields[5], fields[6] = 'used', t.used

@@ -73,9 +73,8 @@ if used + held + cost > allowance then
   end
 end
 
--- The hold, the new counters, `next` and the event number in one write (a record is
--- built as record() would build it).
-local rec = 'h|' .. ARGV[4] .. '|' .. ARGV[5] .. '|' .. feature
+-- The hold, the new counters, `next` and the event number in one write.
+local rec = record('h', ARGV[4], ARGV[5], feature)
 local moves_next = held == 0 or not nxt or expires < nxt
 if events_max > 0 then
   seq = seq + 1
@@ -99,7 +98,7 @@ if held == 0 or not nxt then
 end
 if events_max > 0 then
   -- push_event, written out.
-  local n = redis.call('LPUSH', events, seq .. '|' .. ARGV[1] .. '|held|' .. token .. '|' .. feature .. '|' .. ARGV[4])
+  local n = redis.call('LPUSH', events, event_line(seq, ARGV[1], 'held', token, feature, ARGV[4]))
   if n == 1 then
     redis.call('PEXPIREAT', events, keys_expire_at)
   elseif n > events_max then

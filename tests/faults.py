@@ -581,7 +581,7 @@ class SeedRun:
             == (decision.cost, decision.feature, decision.expires_at),
             f"orphan hold {record} does not match the request",
         )
-        ref = self.model.bind(decision, str(ReservationId(request.coach, period, token)))
+        ref = self.model.bind(decision, str(ReservationId.of(request.coach, period, token)))
         self.learn(ref)
         self.result.unknown_applied += 1
         self.log(f"  (unanswered reserve was applied: {self.names[ref.rid]}, state {state})")

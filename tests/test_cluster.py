@@ -138,14 +138,14 @@ async def test_a_connection_torn_down_under_a_call_is_unavailable_not_a_crash(
     store = CreditStore(fakeredis.FakeAsyncRedis(decode_responses=True), clock=clock)
     torn = Connection()  # its writer is gone, as after a concurrent disconnect
     with pytest.raises(BackendUnavailable) as caught:
-        await store._guard(torn._send_packed_command([b"PING\r\n"]))
+        await store.transport.guard(torn._send_packed_command([b"PING\r\n"]))
     assert isinstance(caught.value.__cause__, AttributeError)
 
     async def our_own_bug() -> None:
         raise AttributeError("a bug of ours stays a bug")
 
     with pytest.raises(AttributeError, match="bug of ours"):
-        await store._guard(our_own_bug())
+        await store.transport.guard(our_own_bug())
 
 
 # --- placement -------------------------------------------------------------------------
@@ -231,7 +231,7 @@ async def test_app_start_loads_every_script_on_every_primary(
         cluster.node_call(port, "SCRIPT", "FLUSH")
     app = create_app(cluster_settings(cluster), clock=clock)
     async with app.router.lifespan_context(app):
-        shas = [s.sha for s in app.state.store.scripts.values()]
+        shas = [s.sha for s in app.state.store.scripts.by_name.values()]
         assert len(shas) == len(SCRIPT_NAMES)
         for node in cluster.primaries():
             with cluster.client(node.port) as c:

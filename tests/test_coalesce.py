@@ -1,4 +1,4 @@
-"""Script calls made in one event-loop turn share one write (app.coalesce): each caller
+"""Script calls made in one event-loop turn share one write (app.store.shared_writes): each caller
 still gets its own reply or its own error, a caller that gives up before the write sends
 nothing, and a stalled or cut connection fails only the calls on it and is not reused."""
 
@@ -13,12 +13,18 @@ import pytest
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from app import coalesce
-from app.coalesce import Coalescer
 from app.errors import BackendUnavailable, CreditsExhausted, ReservationNotFound
 from app.store import CreditStore
+from app.store import shared_writes as coalesce
+from app.store.shared_writes import Coalescer
+from app.store.transport import SingleServerTransport
 from tests.conftest import FrozenClock
 from tests.redis_procs import RedisProcess
+
+
+def single_server(store: CreditStore) -> SingleServerTransport:
+    assert isinstance(store.transport, SingleServerTransport)
+    return store.transport
 
 
 class CheckoutCounter:
@@ -104,7 +110,7 @@ async def test_scripts_flushed_under_a_batch_are_reloaded_once_and_every_call_la
     assert [r.reservation_id.coach_id for r, _ in made] == coaches
     # Each NOSCRIPT reached its own caller, who reloaded; one reload per script in all.
     reloaded = registry.get_sample_value("credits_scripts_reloaded_total")
-    assert reloaded == before + len(store.scripts)
+    assert reloaded == before + len(store.scripts.by_name)
     assert all(u.held == 1 for u in await asyncio.gather(*(store.usage(c) for c in coaches)))
 
 
@@ -179,7 +185,7 @@ async def test_a_stalled_write_fails_its_callers_and_its_connection_is_not_reuse
     await store.drain()
     await asyncio.sleep(0.8)  # the pause ends; the stalled calls then ran in Redis
     # Their late replies were never read by anyone: the next calls get their own.
-    coalescer = store._coalescer_here()
+    coalescer = single_server(store).coalescer()
     echoes = await asyncio.gather(*(coalescer.call("ECHO", f"e{i}") for i in range(8)))
     assert echoes == [f"e{i}" for i in range(8)]
     made, _ = await store.reserve("after", "trend_analysis")
@@ -195,7 +201,7 @@ async def test_a_cut_connection_fails_the_calls_on_it_and_the_next_write_heals(
     await store.ensure_scripts()
     await store.usage("warm")  # one pooled connection, idle now
     # The reply never comes: the server closes the connection mid-batch.
-    coalescer = store._coalescer_here()
+    coalescer = single_server(store).coalescer()
     blocked = coalescer.call("BLPOP", "never", "0")
     queued = coalescer.call("PING")
     await asyncio.sleep(0.05)
@@ -213,3 +219,31 @@ async def test_drain_waits_for_writes_in_flight(single_redis: Redis) -> None:
     await coalescer.drain()
     assert all(f.done() for f in futures)
     assert [f.result() for f in futures] == [1, 2, 3, 4, 5]
+
+
+def test_the_redis_py_connection_api_the_shared_writes_use_is_still_there() -> None:
+    """Shared writes lend a pooled connection and talk on it directly: the one use of
+    redis-py below its command API. A release that moves it must fail here, loudly."""
+    import inspect
+
+    from redis.asyncio import BlockingConnectionPool, ConnectionPool
+    from redis.asyncio.connection import Connection
+
+    for pool in (ConnectionPool, BlockingConnectionPool):
+        assert inspect.iscoroutinefunction(pool.get_connection)
+        assert inspect.iscoroutinefunction(pool.release)
+        # Lent without arguments (older releases required a command name).
+        required = [
+            p
+            for p in inspect.signature(pool.get_connection).parameters.values()
+            if p.name != "self"
+            and p.default is inspect.Parameter.empty
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        assert required == [], required
+    for name in ("send_packed_command", "read_response", "disconnect"):
+        assert inspect.iscoroutinefunction(getattr(Connection, name)), name
+    assert "check_health" in inspect.signature(Connection.send_packed_command).parameters
+    assert "nowait" in inspect.signature(Connection.disconnect).parameters
+    assert callable(Connection.pack_commands)
+    assert callable(Connection.pack_command)

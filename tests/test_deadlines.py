@@ -1,6 +1,6 @@
-"""The store's bound on every Redis call: one watchdog per event loop serves every call's
-deadline, and a call past it ends as BackendUnavailable, as an ``asyncio.timeout`` per
-call would end it, while anyone else's cancellation stays a cancellation."""
+"""The transport's bound on every Redis operation: a call past its deadline ends as
+BackendUnavailable, while anyone else's cancellation stays a cancellation. (Calls that
+share a write are bounded by the write's deadline: tests/test_coalesce.py.)"""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 from app.errors import BackendUnavailable
 from app.store import CreditStore
+from app.store.transport import SingleServerTransport
 
 TIMEOUT = 0.2
 
@@ -24,7 +25,7 @@ def store() -> CreditStore:
 async def test_a_call_past_its_deadline_is_unavailable_promptly(store: CreditStore) -> None:
     started = time.monotonic()
     with pytest.raises(BackendUnavailable) as caught:
-        await store._guard(asyncio.sleep(10))
+        await store.transport.guard(asyncio.sleep(10))
     took = time.monotonic() - started
     assert took + 0.01 >= TIMEOUT
     assert took < TIMEOUT + 0.5
@@ -38,7 +39,7 @@ async def test_a_call_past_its_deadline_is_unavailable_promptly(store: CreditSto
 async def test_only_the_slow_calls_of_many_time_out(store: CreditStore) -> None:
     async def call(seconds: float) -> str:
         try:
-            await store._guard(asyncio.sleep(seconds))
+            await store.transport.guard(asyncio.sleep(seconds))
         except BackendUnavailable:
             return "timeout"
         return "ok"
@@ -46,44 +47,42 @@ async def test_only_the_slow_calls_of_many_time_out(store: CreditStore) -> None:
     delays = [0.01, 0.05, 0.5, 0.1, 0.6, 0.0, 0.15, 0.4] * 8
     results = await asyncio.gather(*(call(d) for d in delays))
     assert results == ["timeout" if d > TIMEOUT else "ok" for d in delays]
-    assert not store._watchdogs[asyncio.get_running_loop()].calls
 
 
 async def test_calls_keep_being_bounded_after_the_timer_has_fired(store: CreditStore) -> None:
     for _ in range(3):
-        assert await store._guard(asyncio.sleep(0.01, "done")) == "done"
+        assert await store.transport.guard(asyncio.sleep(0.01, "done")) == "done"
         with pytest.raises(BackendUnavailable):
-            await store._guard(asyncio.sleep(10))
+            await store.transport.guard(asyncio.sleep(10))
     started = time.monotonic()
     with pytest.raises(BackendUnavailable):
-        await store._guard(asyncio.sleep(10))
+        await store.transport.guard(asyncio.sleep(10))
     assert time.monotonic() - started < TIMEOUT + 0.5
 
 
 async def test_a_shorter_deadline_set_later_still_counts(store: CreditStore) -> None:
-    slow = asyncio.ensure_future(store._guard(asyncio.sleep(0.05, "slow")))
+    slow = asyncio.ensure_future(store.transport.guard(asyncio.sleep(0.05, "slow")))
     await asyncio.sleep(0)  # its deadline, TIMEOUT from now, is the one the timer waits for
-    store.op_timeout_seconds = 0.02
+    store.transport.timeout_seconds = 0.02
     started = time.monotonic()
     with pytest.raises(BackendUnavailable):
-        await store._guard(asyncio.sleep(10))
+        await store.transport.guard(asyncio.sleep(10))
     assert time.monotonic() - started < 0.15
     assert await slow == "slow"
 
 
 async def test_cancelling_the_caller_stays_a_cancellation(store: CreditStore) -> None:
-    task = asyncio.ensure_future(store._guard(asyncio.sleep(10)))
+    task = asyncio.ensure_future(store.transport.guard(asyncio.sleep(10)))
     await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert not store._watchdogs[asyncio.get_running_loop()].calls
 
 
 async def test_an_outer_timeout_that_ends_first_is_the_outer_ones(store: CreditStore) -> None:
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.05):
-            await store._guard(asyncio.sleep(10))
+            await store.transport.guard(asyncio.sleep(10))
     task = asyncio.current_task()
     assert task is not None
     assert task.cancelling() == 0
@@ -100,7 +99,7 @@ async def test_a_cancel_at_the_deadline_from_elsewhere_is_not_swallowed(
         assert task is not None
         loop = asyncio.get_running_loop()
         loop.call_at(loop.time() + TIMEOUT + 0.05, task.cancel)
-        await store._guard(asyncio.sleep(TIMEOUT + 0.05 + 0.3))
+        await store.transport.guard(asyncio.sleep(TIMEOUT + 0.05 + 0.3))
 
     runner = asyncio.ensure_future(both())
     # Stall the loop past both moments, so both fire in the same iteration.
@@ -113,14 +112,20 @@ async def test_a_cancel_at_the_deadline_from_elsewhere_is_not_swallowed(
 async def test_the_result_of_a_call_that_beats_its_deadline_is_returned(
     store: CreditStore,
 ) -> None:
-    assert await store._guard(asyncio.sleep(TIMEOUT / 2, "in time")) == "in time"
+    assert await store.transport.guard(asyncio.sleep(TIMEOUT / 2, "in time")) == "in time"
 
 
 def test_a_store_serves_more_than_one_event_loop(store: CreditStore) -> None:
     async def slow() -> None:
         with pytest.raises(BackendUnavailable):
-            await store._guard(asyncio.sleep(10))
+            await store.transport.guard(asyncio.sleep(10))
+
+    async def used() -> int:
+        return (await store.usage("coach-1")).used
 
     for _ in range(3):
         asyncio.run(slow())
-    assert len(store._watchdogs) == 1  # the closed loops' watchdogs are dropped
+        assert asyncio.run(used()) == 0
+    transport = store.transport
+    assert isinstance(transport, SingleServerTransport)
+    assert len(transport._coalescers) == 1  # the closed loops' coalescers are dropped

@@ -13,8 +13,8 @@ from redis.exceptions import DataError
 
 from app.config import Settings
 from app.main import connect
-from app.packing import PackedConnection
 from app.store import CreditStore
+from app.store.shared_writes import PackedConnection
 from tests.redis_procs import RedisProcess
 
 

@@ -1,4 +1,8 @@
-"""Redis commands made in one event-loop turn, sent in one write.
+"""Redis commands made in one event-loop turn, sent in one write; commands packed in C.
+
+This is the one module that uses redis-py's connection-level API (lending a pooled
+connection, packing commands, reading replies one by one); tests/store/test_shared_writes.py
+fails loudly if that API moves.
 
 Under load many tasks call Redis at once, each paying a pool checkout, a write, a wait
 for its own reply and the event-loop turns in between. A ``Coalescer`` collects the
@@ -8,7 +12,10 @@ back in order). The caller still awaits only its own command; an error reply (sa
 NOSCRIPT) reaches only the caller whose command earned it.
 
 Only for one plain Redis server: a Redis Cluster routes by key, so its calls go one by
-one as before. Nothing here knows the scripts or the keys; ``app.store`` does.
+one. Nothing here knows the scripts or the keys.
+
+``timeout_seconds`` bounds each write and the reading of all its replies: it is the
+deadline of every call that goes out on the write, which needs no timer of its own.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Final
 
+import hiredis
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
 
 #: Commands per write at most: a larger burst goes out as several writes on several
 #: connections, so one batch never keeps Redis busy for long.
@@ -26,11 +35,7 @@ MAX_BATCH: Final = 256
 
 
 class Coalescer:
-    """Batches the commands one event loop sends to one Redis client.
-
-    ``timeout_seconds`` bounds each write and the reading of all its replies (a stalled
-    Redis must not keep the connection, or the callers, forever); callers keep their own
-    deadlines too."""
+    """Batches the commands one event loop sends to one Redis client."""
 
     __slots__ = ("_pending", "_sending", "loop", "observe", "redis", "timeout_seconds")
 
@@ -120,3 +125,19 @@ def _fail(items: list[tuple[tuple[Any, ...], asyncio.Future[Any]]], exc: BaseExc
     for _, future in items:
         if not future.done():
             future.set_exception(exc)
+
+
+class PackedConnection(Connection):
+    """A plain TCP connection whose commands hiredis packs, byte for byte as redis-py
+    would (redis-py's asyncio connection packs in Python: with fourteen arguments per
+    reserve that was a quarter of a batch's CPU). Anything hiredis does not take
+    (memoryviews, multi-word command names, bad types) goes redis-py's own way."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        head = args[0]
+        if isinstance(head, str) and " " not in head:
+            try:
+                return [hiredis.pack_command(args)]
+            except TypeError:
+                pass
+        return super().pack_command(*args)

@@ -1,0 +1,535 @@
+"""``CreditStore``: reserve, commit, refund and read credits, one script call each.
+
+Python picks the period, the clock reading, the expiries and the key names and passes
+them in, so month boundaries are testable with a frozen clock; the scripts check and
+change one coach's keys atomically.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, NamedTuple
+
+from redis import exceptions as redis_errors
+
+from app import domain
+from app.domain import (
+    IDEMPOTENCY_TTL_SECONDS,
+    FeatureAvailability,
+    Period,
+    Reservation,
+    ReservationId,
+    Status,
+    Usage,
+)
+from app.errors import (
+    CreditsError,
+    CreditsExhausted,
+    IdempotencyKeyReused,
+    InvalidCoachId,
+    ReservationCommitted,
+    ReservationExpired,
+    ReservationNotFound,
+    ReservationRefunded,
+    UnknownFeature,
+    WriteRefused,
+)
+from app.metrics import Metrics
+from app.store import batch
+from app.store.batch import ReserveItem, SettleAction
+from app.store.keys import WRITE_PROBE_KEY, idempotency_key_name, period_keys
+from app.store.replies import REPLY_LENGTH, STATES, Reply, decode_event, decode_reply
+from app.store.scripts import Scripts
+from app.store.transport import AnyRedis, Command, transport_for
+
+Clock = Callable[[], datetime]
+
+#: Each state's outcome label, read once (an enum's ``.value`` is a descriptor call).
+_OUTCOMES: Final = {state: status.value for state, status in STATES.items()}
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class _PeriodInfo(NamedTuple):
+    """What every call in one month passes along, worked out once per month."""
+
+    period: Period
+    text: str
+    keys_expire_ms: int
+
+
+class _ReserveCall(NamedTuple):
+    """One prepared reserve: what to send, and what reading its reply needs."""
+
+    rid: ReservationId
+    feature: str
+    cost: int
+    now: datetime
+    command: Command
+
+
+class _SettleCall(NamedTuple):
+    action: SettleAction
+    rid: ReservationId
+    command: Command
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One line of a coach's event log: a hold, commit, refund or expiry."""
+
+    seq: int
+    at: datetime
+    kind: str
+    reservation_id: ReservationId
+    feature: str
+    cost: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    """Events newest first; ``next_before`` is the cursor for the page after, if any."""
+
+    events: list[Event]
+    next_before: int | None
+    usage: Usage
+
+
+class CreditStore:
+    """Reserve, commit, refund and read credits for coaches."""
+
+    def __init__(
+        self,
+        redis: AnyRedis,
+        *,
+        allowance: int = 50,
+        feature_costs: dict[str, int] | None = None,
+        default_ttl_seconds: int = domain.DEFAULT_TTL_SECONDS,
+        release_batch: int = 100,
+        events_max: int = 10_000,
+        op_timeout_seconds: float = 2.5,
+        clock: Clock = utc_now,
+        metrics: Metrics | None = None,
+        coalesce: bool = True,
+    ) -> None:
+        self.redis = redis
+        self.allowance = allowance
+        self.feature_costs = dict(feature_costs or {"checkin_draft": 1, "trend_analysis": 3})
+        self.default_ttl_seconds = default_ttl_seconds
+        self.release_batch = release_batch
+        self.events_max = events_max
+        self.clock = clock
+        self.metrics = metrics or Metrics()
+        self.metrics.feature_costs = self.feature_costs
+        self.transport = transport_for(redis, op_timeout_seconds, coalesce=coalesce)
+        self.transport.observe_write = self.metrics.commands_per_write.observe
+        self.scripts = Scripts(self.transport, self.metrics)
+        self._periods: dict[tuple[int, int], _PeriodInfo] = {}
+        # Ids of holds made here lately, by their text: what ReservationId.parse would
+        # return for that text (it is pure), for the settlements that soon follow.
+        self._issued: dict[str, ReservationId] = {}
+        # A usage's feature list depends only on the credits left: one shared tuple per
+        # level instead of new objects per call (they are frozen).
+        self._features: dict[int, tuple[FeatureAvailability, ...]] = {}
+
+    # --- plumbing --------------------------------------------------------------------
+
+    @property
+    def write_refusal(self) -> str | None:
+        """Redis's latest refusal of a write; None once it accepts writes again."""
+        return self.transport.write_refusal
+
+    @property
+    def instance_epoch(self) -> str | None:
+        return self.scripts.instance_epoch
+
+    async def ensure_scripts(self) -> None:
+        """Load any script Redis has forgotten, and check whether it lost its data."""
+        await self.scripts.ensure_loaded()
+
+    async def check_instance(self) -> bool:
+        return await self.scripts.check_instance()
+
+    async def ping(self) -> None:
+        """Whether Redis answers (BackendUnavailable when not); also learns whether it
+        accepts writes, for /readyz, without failing when it does not."""
+        transport = self.transport
+        await transport.guard(self.redis.ping())
+        try:
+            await transport.guard(self.redis.set(WRITE_PROBE_KEY, "1", px=10_000))
+        except WriteRefused:
+            return
+        transport.write_refusal = None
+
+    async def drain(self) -> None:
+        """Wait for this loop's script calls in flight; before closing the client."""
+        await self.transport.drain()
+
+    async def _run(self, command: Command, operation: str) -> Reply:
+        """One script call (``EVALSHA sha numkeys keys... args...``) and its reply;
+        ``operation`` labels its latency."""
+        started = time.perf_counter()
+        try:
+            raw = await self.transport.call(*command)
+        except redis_errors.NoScriptError:
+            raw = await self._run_with_source(command)
+        self.metrics.observe_latency(operation, time.perf_counter() - started)
+        reply = decode_reply(raw)
+        if reply.swept:
+            self.metrics.add_credits("expired", reply.swept)
+        return reply
+
+    async def _run_with_source(self, command: Command) -> Any:
+        # Redis forgot the scripts: restarted, flushed or failed over. That is also the
+        # cheap moment to ask whether it forgot the data. NOSCRIPT means the script never
+        # ran, so running it again cannot apply it twice; EVAL with the source cannot
+        # meet NOSCRIPT again, even if another flush comes between.
+        await self.ensure_scripts()
+        return await self.transport.call("EVAL", self._source_of(command[1]), *command[2:])
+
+    def _source_of(self, sha: str) -> str:
+        return self.scripts.by_sha[sha].source
+
+    def _command(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Command:
+        return ("EVALSHA", self.scripts[name].sha, len(keys), *keys, *args)
+
+    def _period_info(self, now: datetime) -> _PeriodInfo:
+        utc = now if now.tzinfo is UTC else now.astimezone(UTC)
+        return self._info_of(utc.year, utc.month)
+
+    def _info_of(self, year: int, month: int) -> _PeriodInfo:
+        info = self._periods.get((year, month))
+        if info is None:
+            period = Period(year, month)
+            info = _PeriodInfo(period, str(period), domain.to_ms(period.keys_expire_at))
+            if len(self._periods) > 64:  # a frozen or travelling clock in tests
+                self._periods.clear()
+            self._periods[(year, month)] = info
+        return info
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def cost_of(self, feature: str) -> int:
+        try:
+            return self.feature_costs[feature]
+        except KeyError:
+            known = ", ".join(sorted(self.feature_costs))
+            raise UnknownFeature(
+                f"There is no feature called {feature!r}. Known features: {known}."
+            ) from None
+
+    @staticmethod
+    def check_coach_id(coach_id: str) -> None:
+        if not domain.is_valid_coach_id(coach_id):
+            raise InvalidCoachId(
+                "A coach id is 1-128 characters of letters, digits and . _ : @ -, "
+                "starting with a letter or digit."
+            )
+
+    def _usage(self, coach_id: str, period: Period, used: int, held: int) -> Usage:
+        left = domain.remaining(self.allowance, used, held)
+        features = self._features.get(left)
+        if features is None:
+            features = domain.feature_availability(self.feature_costs, left)
+            if len(self._features) < 4096:
+                self._features[left] = features
+        return Usage(coach_id, period, self.allowance, used, held, features)
+
+    def _reservation(self, rid: ReservationId, reply: Reply) -> Reservation:
+        return Reservation(
+            rid,
+            reply.feature,
+            reply.cost,
+            STATES[reply.state],
+            domain.from_ms(reply.expires_ms),
+            self._usage(rid.coach_id, rid.period, reply.used, reply.held),
+        )
+
+    # --- operations ------------------------------------------------------------------
+
+    async def reserve(
+        self,
+        coach_id: str,
+        feature: str,
+        *,
+        ttl_seconds: int | None = None,
+        idempotency_key: str | None = None,
+        principal: str = "",
+    ) -> tuple[Reservation, bool]:
+        """Hold the feature's cost. Returns the reservation and whether it is new
+        (False: an idempotent replay of an earlier request)."""
+        call = self._reserve_call(coach_id, feature, ttl_seconds, idempotency_key, principal)
+        return await self._reserve_outcome(call, await self._run(call.command, "reserve"))
+
+    def _reserve_call(
+        self,
+        coach_id: str,
+        feature: str,
+        ttl_seconds: int | None,
+        idempotency_key: str | None,
+        principal: str,
+    ) -> _ReserveCall:
+        self.check_coach_id(coach_id)
+        cost = self.cost_of(feature)
+        ttl = self.default_ttl_seconds if ttl_seconds is None else ttl_seconds
+        now = self.clock()
+        info = self._period_info(now)
+        rid = ReservationId.new(coach_id, info.period)
+        keys: list[str] = [*period_keys(coach_id, info.text)]
+        if idempotency_key is not None:
+            keys.append(idempotency_key_name(coach_id, principal, idempotency_key))
+        now_ms = domain.to_ms(now)
+        args = (
+            now_ms,
+            rid.token,
+            feature,
+            cost,
+            now_ms + ttl * 1000,
+            self.allowance,
+            info.keys_expire_ms,
+            IDEMPOTENCY_TTL_SECONDS * 1000,
+            info.text,
+            self.release_batch,
+            self.events_max,
+        )
+        return _ReserveCall(rid, feature, cost, now, self._command("reserve", keys, args))
+
+    async def _reserve_outcome(self, call: _ReserveCall, reply: Reply) -> tuple[Reservation, bool]:
+        rid, feature, cost = call.rid, call.feature, call.cost
+        coach_id, period = rid.coach_id, rid.period
+        if reply.status == "OK":
+            self.metrics.count(feature, "held")
+            self._remember(rid)
+            return self._reservation(rid, reply), True
+        if reply.status == "REPLAY":
+            return self._reservation(ReservationId.of(coach_id, period, reply.token), reply), False
+        if reply.status == "REPLAY_ELSEWHERE":
+            earlier = ReservationId.of(coach_id, Period.parse(reply.extra), reply.token)
+            return await self.get_reservation(str(earlier)), False
+        if reply.status == "IDEM_REUSED":
+            raise IdempotencyKeyReused(
+                f"This Idempotency-Key was already used to reserve {reply.feature!r}; "
+                "use a new key for a different request."
+            )
+        if reply.status == "EXHAUSTED":
+            self.metrics.count(feature, "exhausted")
+            self.metrics.exhausted.labels(feature).inc()
+            raise self._exhausted(feature, cost, period, call.now, reply)
+        raise RuntimeError(f"unexpected reserve reply {reply.status!r}")
+
+    def _exhausted(
+        self, feature: str, cost: int, period: Period, now: datetime, reply: Reply
+    ) -> CreditsExhausted:
+        first_expiry = int(reply.extra or 0)
+        held_up = self.allowance - reply.used >= cost and first_expiry > 0
+        hold_wait = domain.seconds_until(domain.from_ms(first_expiry), now) if held_up else None
+        retry_after = (
+            hold_wait if hold_wait is not None else domain.seconds_until(period.resets_at, now)
+        )
+        detail = domain.exhausted_detail(
+            feature=feature,
+            cost=cost,
+            allowance=self.allowance,
+            used=reply.used,
+            held=reply.held,
+            period=period,
+            hold_wait_seconds=hold_wait,
+        )
+        return CreditsExhausted(
+            detail,
+            feature=feature,
+            cost=cost,
+            remaining=domain.remaining(self.allowance, reply.used, reply.held),
+            resets_at=period.resets_at,
+            retry_after=retry_after,
+        )
+
+    def _parse_id(self, reservation_id: str) -> ReservationId:
+        rid = self._issued.get(reservation_id)
+        if rid is None:
+            rid = ReservationId.parse(reservation_id)
+            if rid is None:
+                raise ReservationNotFound(reservation_id)
+        return rid
+
+    def _remember(self, rid: ReservationId) -> None:
+        """Keep a new hold's id by its text: settling it here needs no parsing."""
+        issued = self._issued
+        if len(issued) >= 4096:
+            issued.clear()
+        issued[rid.text] = rid
+
+    async def get_reservation(self, reservation_id: str) -> Reservation:
+        rid = self._parse_id(reservation_id)
+        keys = period_keys(rid.coach_id, rid.period)
+        command = self._command(
+            "get_reservation", keys[:2], (domain.to_ms(self.clock()), rid.token)
+        )
+        reply = await self._run(command, "get_reservation")
+        if reply.status == "NOT_FOUND":
+            raise ReservationNotFound(reservation_id)
+        return self._reservation(rid, reply)
+
+    def _settle_call(self, reservation_id: str, action: SettleAction) -> _SettleCall:
+        rid = self._parse_id(reservation_id)
+        period = rid.period
+        info = self._info_of(period.year, period.month)
+        args = (
+            domain.to_ms(self.clock()),
+            rid.token,
+            self.release_batch,
+            self.events_max,
+            info.keys_expire_ms,
+            action,
+        )
+        keys = period_keys(rid.coach_id, info.text)
+        return _SettleCall(action, rid, self._command("settle", keys, args))
+
+    def _settle_outcome(self, call: _SettleCall, reply: Reply) -> Reservation:
+        rid = call.rid
+        match reply.status:
+            case "OK":
+                reservation = self._reservation(rid, reply)
+                if reply.extra != "again":
+                    outcome = _OUTCOMES[reply.state]
+                    self.metrics.count(reply.feature, outcome)
+                    if reservation.status is not Status.EXPIRED:  # counted when swept
+                        self.metrics.add_credits(outcome, reply.cost)
+                return reservation
+            case "NOT_FOUND":
+                raise ReservationNotFound(str(rid))
+            case "REFUNDED":
+                raise ReservationRefunded(str(rid))
+            case "EXPIRED":
+                raise ReservationExpired(str(rid))
+            case "COMMITTED":
+                raise ReservationCommitted(str(rid))
+        raise RuntimeError(f"unexpected {call.action} reply {reply.status!r}")
+
+    async def commit(self, reservation_id: str) -> Reservation:
+        call = self._settle_call(reservation_id, "commit")
+        return self._settle_outcome(call, await self._run(call.command, "commit"))
+
+    async def refund(self, reservation_id: str) -> Reservation:
+        call = self._settle_call(reservation_id, "refund")
+        return self._settle_outcome(call, await self._run(call.command, "refund"))
+
+    async def usage(self, coach_id: str) -> Usage:
+        self.check_coach_id(coach_id)
+        now = self.clock()
+        info = self._period_info(now)
+        keys = period_keys(coach_id, info.text)
+        command = self._command("get_usage", keys[:2], (domain.to_ms(now),))
+        reply = await self._run(command, "get_usage")
+        return self._usage(coach_id, info.period, reply.used, reply.held)
+
+    async def usage_many(self, coach_ids: Sequence[str]) -> list[Usage]:
+        """Counters for many coaches, read side by side (on one server, in one write)."""
+        for coach_id in coach_ids:
+            self.check_coach_id(coach_id)
+        now = self.clock()
+        info = self._period_info(now)
+        now_ms = domain.to_ms(now)
+        commands = [
+            self._command("get_usage", period_keys(c, info.text)[:2], (now_ms,)) for c in coach_ids
+        ]
+        started = time.perf_counter()
+        raw = await self.transport.call_all(commands)
+        if any(isinstance(r, redis_errors.NoScriptError) for r in raw):
+            # Reading writes nothing, so the reads simply run again, with the source.
+            await self.ensure_scripts()
+            raw = await self.transport.call_all(
+                [("EVAL", self._source_of(c[1]), *c[2:]) for c in commands]
+            )
+        for r in raw:
+            if isinstance(r, Exception):
+                raise r
+        self.metrics.observe_latency("usage_many", time.perf_counter() - started)
+        return [
+            self._usage(c, info.period, r.used, r.held)
+            for c, r in zip(coach_ids, map(decode_reply, raw), strict=True)
+        ]
+
+    async def events(
+        self,
+        coach_id: str,
+        *,
+        period: Period | None = None,
+        before: int | None = None,
+        limit: int = 100,
+    ) -> EventPage:
+        """A page of the coach's event log, newest first, with the counters read in the
+        same call. Reads only: a coach or period never seen reads as an empty page."""
+        self.check_coach_id(coach_id)
+        now = self.clock()
+        period = period or Period.containing(now)
+        command = self._command(
+            "get_events", period_keys(coach_id, period), (domain.to_ms(now), before or 0, limit)
+        )
+        started = time.perf_counter()
+        try:
+            raw = await self.transport.call(*command)
+        except redis_errors.NoScriptError:
+            raw = await self._run_with_source(command)
+        self.metrics.observe_latency("get_events", time.perf_counter() - started)
+        reply = decode_reply(raw[:REPLY_LENGTH])
+        events = []
+        for row in map(decode_event, raw[REPLY_LENGTH:]):
+            rid = ReservationId.of(coach_id, period, row.token)
+            at = domain.from_ms(row.ms)
+            events.append(Event(row.seq, at, row.kind, rid, row.feature, row.cost))
+        return EventPage(
+            events,
+            int(reply.extra) if reply.extra else None,
+            self._usage(coach_id, period, reply.used, reply.held),
+        )
+
+    # --- batches -----------------------------------------------------------------------
+
+    async def reserve_many(
+        self, items: Sequence[ReserveItem], *, principal: str = ""
+    ) -> list[tuple[Reservation, bool] | CreditsError]:
+        """Reserve for many items in one round trip, each still one atomic script call,
+        run in request order. Each item succeeds or fails on its own (its error is
+        returned in its place); only an unreachable Redis fails them all."""
+
+        def make(item: ReserveItem) -> _ReserveCall:
+            batch.check_item(item)
+            return self._reserve_call(
+                item.coach_id, item.feature, item.ttl_seconds, item.idempotency_key, principal
+            )
+
+        prepared = batch.prepare(items, make)
+        replies = await self._run_in_order([c.command for c in batch.sent(prepared)])
+        return await batch.outcomes(prepared, iter(replies), self._reserve_outcome)
+
+    async def settle_many(
+        self, items: Sequence[tuple[str, SettleAction]]
+    ) -> list[Reservation | CreditsError]:
+        """Commit or refund many reservations in one round trip, in request order; each
+        succeeds or fails on its own."""
+        prepared = batch.prepare(items, lambda item: self._settle_call(*item))
+        replies = await self._run_in_order([c.command for c in batch.sent(prepared)])
+
+        async def read(call: _SettleCall, reply: Reply) -> Reservation:
+            return self._settle_outcome(call, reply)
+
+        return await batch.outcomes(prepared, iter(replies), read)
+
+    async def _run_in_order(self, commands: Sequence[Command]) -> list[Reply]:
+        if not commands:
+            return []
+        started = time.perf_counter()
+        shas = dict.fromkeys(c[1] for c in commands)
+        raw = await self.transport.call_in_order(commands, [self._source_of(s) for s in shas])
+        self.metrics.observe_latency("batch", time.perf_counter() - started)
+        replies = [decode_reply(r) for r in raw]
+        swept = sum(r.swept for r in replies)
+        if swept:
+            self.metrics.add_credits("expired", swept)
+        return replies
