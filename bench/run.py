@@ -37,7 +37,9 @@ from app.domain import Period
 from app.main import connect
 from app.store import CreditStore, ReserveItem, load_script_source, period_keys
 from bench.floor_app import MINIMAL_SCRIPT
-from bench.procs import VENV_BIN, CpuMeter, RedisServer, Uvicorn, ensure_tool, free_port
+from bench.procs import VENV_BIN, CpuMeter, ensure_tool
+from tests.support.redis import RedisProcess, free_port
+from tests.support.service import Uvicorn
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 WRK_DIR: Final = Path(__file__).resolve().parent / "wrk"
@@ -215,8 +217,8 @@ return {'OK', 0, 1, ARGV[2], 'h', 1, ARGV[5], ARGV[3], '', 0}
 """
 
 
-async def bench_limit(report: Report, redis: RedisServer, load: Load) -> None:
-    client = Redis.from_url(redis.url(DB_SCRATCH), decode_responses=True)
+async def bench_limit(report: Report, redis: RedisProcess, load: Load) -> None:
+    client = Redis.from_url(redis.db_url(DB_SCRATCH), decode_responses=True)
     minimal_sha = await client.script_load(MINIMAL_SCRIPT)
     reserve_sha = await client.script_load(load_script_source("reserve"))
     commands_sha = await client.script_load(RESERVE_COMMANDS_ONLY)
@@ -318,19 +320,19 @@ def pooled(url: str) -> Redis:
     )
 
 
-async def bench_python(report: Report, redis: RedisServer, load: Load) -> None:
+async def bench_python(report: Report, redis: RedisProcess, load: Load) -> None:
     from limits import RateLimitItemPerMonth
     from limits.aio.strategies import FixedWindowRateLimiter
     from limits.storage import storage_from_string
 
     n = load.python_ops
     space = 1_000_000
-    bare = pooled(redis.url(DB_SCRATCH))
+    bare = pooled(redis.db_url(DB_SCRATCH))
     sha = await bare.script_load(MINIMAL_SCRIPT)
     storage: Any = storage_from_string(f"async+redis://127.0.0.1:{redis.port}/{DB_SCRATCH}")
     limiter = FixedWindowRateLimiter(storage)
     item = RateLimitItemPerMonth(ALLOWANCE)
-    client = connect(Settings(redis_url=redis.url(DB_SERVICE)))
+    client = connect(Settings(redis_url=redis.db_url(DB_SERVICE)))
     store = CreditStore(client)
     await store.ensure_scripts()
     # The same store sending each call on its own round trip: what its own Python costs
@@ -527,16 +529,16 @@ def wrk(
     )
 
 
-def service_env(redis: RedisServer) -> dict[str, str]:
+def service_env(redis: RedisProcess) -> dict[str, str]:
     return {
-        "CREDITS_REDIS_URL": redis.url(DB_SERVICE),
+        "CREDITS_REDIS_URL": redis.db_url(DB_SERVICE),
         "CREDITS_API_KEYS": json.dumps({API_KEY: ["worker"]}),
     }
 
 
-async def make_reservations(redis: RedisServer, count: int, prefix: str) -> str:
+async def make_reservations(redis: RedisProcess, count: int, prefix: str) -> str:
     """``count`` held reservations on distinct coaches; the file of their ids."""
-    client = connect(Settings(redis_url=redis.url(DB_SERVICE)))
+    client = connect(Settings(redis_url=redis.db_url(DB_SERVICE)))
     store = CreditStore(client)
     ids: list[str] = []
     for start in range(0, count, 500):
@@ -561,14 +563,14 @@ def wrk_row(report: Report, section: str, name: str, r: WrkResult, unit: str = "
     report.add(section, name, r.rps, unit, note)
 
 
-async def bench_http(report: Report, redis: RedisServer, load: Load) -> None:
+async def bench_http(report: Report, redis: RedisProcess, load: Load) -> None:
     secs = load.wrk_seconds
-    floor_env = {"BENCH_REDIS_URL": redis.url(DB_FLOOR)}
+    floor_env = {"BENCH_REDIS_URL": redis.db_url(DB_FLOOR)}
     floors: list[WrkResult] = []
 
     def floor_run(when: str) -> None:
         port = free_port()
-        with Uvicorn(floor_argv(port), floor_env, port) as srv:
+        with Uvicorn(floor_argv(port), floor_env, port, ready_path=None) as srv:
             wrk(srv.base, "reserve", 1)  # warm-up
             r = wrk(srv.base, "reserve", secs)
         floors.append(r)
@@ -635,7 +637,7 @@ async def bench_http(report: Report, redis: RedisServer, load: Load) -> None:
     )
 
 
-async def bench_batches(report: Report, redis: RedisServer, load: Load, base: str) -> None:
+async def bench_batches(report: Report, redis: RedisProcess, load: Load, base: str) -> None:
     secs, per = load.wrk_seconds, load.batch_items
     r = wrk(base, "batch_reserve", secs, key=API_KEY, per_batch=per)
     reserve_ops = report.add(
@@ -687,8 +689,8 @@ return n
 """
 
 
-async def bench_scaling(report: Report, redis: RedisServer, load: Load) -> None:
-    client = Redis.from_url(redis.url(DB_SCALE), decode_responses=True)
+async def bench_scaling(report: Report, redis: RedisProcess, load: Load) -> None:
+    client = Redis.from_url(redis.db_url(DB_SCALE), decode_responses=True)
     await client.flushdb()
     sha = await client.script_load(load_script_source("reserve"))
     now = datetime.now(UTC)
@@ -786,8 +788,8 @@ async def bench_scaling(report: Report, redis: RedisServer, load: Load) -> None:
     await client.aclose()
 
 
-async def bench_memory(report: Report, redis: RedisServer) -> None:
-    client = Redis.from_url(redis.url(DB_SCALE), decode_responses=True)
+async def bench_memory(report: Report, redis: RedisProcess) -> None:
+    client = Redis.from_url(redis.db_url(DB_SCALE), decode_responses=True)
     await client.flushdb()
     store = CreditStore(client, allowance=ALLOWANCE)
     await store.ensure_scripts()
@@ -821,8 +823,8 @@ async def bench_memory(report: Report, redis: RedisServer) -> None:
 # --- correctness ---------------------------------------------------------------------------
 
 
-async def check_correctness(report: Report, redis: RedisServer) -> None:
-    client = Redis.from_url(redis.url(DB_SERVICE), decode_responses=True)
+async def check_correctness(report: Report, redis: RedisProcess) -> None:
+    client = Redis.from_url(redis.db_url(DB_SERVICE), decode_responses=True)
     checked = over = 0
     batch: list[str] = []
 
@@ -854,7 +856,7 @@ async def check_correctness(report: Report, redis: RedisServer) -> None:
 async def run(load: Load, quick: bool) -> Report:
     report = Report(quick=quick)
     ensure_tool("wrk", "wrk")
-    with RedisServer() as redis:
+    with RedisProcess(Path(tempfile.mkdtemp(prefix="bench-redis-"))) as redis:
         print(f"bench: private redis-server on port {redis.port}", flush=True)
         await bench_limit(report, redis, load)
         await bench_python(report, redis, load)

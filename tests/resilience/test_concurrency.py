@@ -27,8 +27,8 @@ from app.errors import (
     ReservationRefunded,
 )
 from app.store import CreditStore, SettleAction, period_keys
-from tests.conftest import FrozenClock
-from tests.redis_procs import RedisProcess
+from tests.support.clock import FrozenClock
+from tests.support.redis import RedisProcess
 
 pytestmark = pytest.mark.real_redis
 

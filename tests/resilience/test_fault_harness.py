@@ -1,6 +1,6 @@
-"""The seeded fault-injection harness (``tests.faults``), a bounded number of seeds.
+"""The seeded fault-injection harness (``tests.support.faults``), a bounded number of seeds.
 
-Thousands more run on demand with ``python -m tests.faults --seeds 5000``.
+Thousands more run on demand with ``python -m tests.support.faults --seeds 5000``.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from app.store import AnyRedis, CreditStore
-from tests.conftest import FrozenClock
-from tests.faults import SOCKET_TIMEOUT, run_seeds
+from tests.support.clock import FrozenClock
+from tests.support.faults import SOCKET_TIMEOUT, run_seeds
 
 pytestmark = pytest.mark.real_redis
 

@@ -18,8 +18,8 @@ from app.store import CreditStore
 from app.store import shared_writes as coalesce
 from app.store.shared_writes import Coalescer
 from app.store.transport import SingleServerTransport
-from tests.conftest import FrozenClock
-from tests.redis_procs import RedisProcess
+from tests.support.clock import FrozenClock
+from tests.support.redis import RedisProcess
 
 
 def single_server(store: CreditStore) -> SingleServerTransport:

@@ -2,7 +2,7 @@
 model side by side, on fakeredis (many examples) and on a real Redis (fewer).
 
 After every step the store's counters, each reservation's state and the allowance
-invariant are compared with ``tests.reference.Ledger``. The clock moves in small steps,
+invariant are compared with ``tests.support.reference.Ledger``. The clock moves in small steps,
 past expiries and across month ends (December to January included), so periods,
 lapsed holds and replays across periods are all exercised.
 """
@@ -39,9 +39,9 @@ from app.errors import (
     ReservationRefunded,
 )
 from app.store import AnyRedis, CreditStore, ReserveItem, SettleAction, period_keys
-from tests.conftest import FrozenClock
-from tests.redis_procs import RedisProcess
-from tests.reference import Decision, Kind, Ledger, RefReservation, Settle
+from tests.support.clock import FrozenClock
+from tests.support.redis import RedisProcess
+from tests.support.reference import Decision, Kind, Ledger, RefReservation, Settle
 
 T = TypeVar("T")
 

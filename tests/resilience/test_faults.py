@@ -24,8 +24,8 @@ from app.errors import BackendUnavailable
 from app.main import connect, create_app
 from app.metrics import Metrics
 from app.store import INSTANCE_KEY, SCRIPT_NAMES, AnyRedis, CreditStore
-from tests.conftest import FrozenClock
-from tests.redis_procs import RedisProcess
+from tests.support.clock import FrozenClock
+from tests.support.redis import RedisProcess
 
 pytestmark = pytest.mark.real_redis
 

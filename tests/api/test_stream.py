@@ -18,8 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.client import CreditsClient
-from tests.redis_procs import RedisProcess
-from tests.service_proc import READER_KEY, WORKER_KEY, ServiceProcess
+from tests.support.redis import RedisProcess
+from tests.support.service import READER_KEY, WORKER_KEY, ServiceProcess
 
 #: Generous bound on waiting for something the service is expected to do; a hang fails.
 WAIT = 20.0

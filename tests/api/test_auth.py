@@ -11,8 +11,8 @@ from redis.asyncio import Redis
 from app.config import Scope, Settings
 from app.domain import Period, ReservationId
 from app.main import create_app
-from tests.conftest import FrozenClock
-from tests.http_helpers import assert_problem, snapshot
+from tests.support.clock import FrozenClock
+from tests.support.http import assert_problem, snapshot
 
 WORKER = "worker-key-0123456789abcdef"
 READER = "reader-key-0123456789abcdef"

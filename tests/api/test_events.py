@@ -17,7 +17,7 @@ from app.config import Scope, Settings
 from app.domain import Period
 from app.main import create_app
 from app.store import AnyRedis, period_keys
-from tests.conftest import FrozenClock
+from tests.support.clock import FrozenClock
 
 COACH = "coach-events-1"
 PERIOD = Period(2099, 11)

@@ -16,7 +16,7 @@ from redis.crc import key_slot
 
 from app.domain import COACH_ID_RE, Period
 from app.store import INSTANCE_KEY, CreditStore, idempotency_key_name, period_keys
-from tests.conftest import FrozenClock
+from tests.support.clock import FrozenClock
 
 #: The whole contract charset and length range for coach ids.
 coach_ids = st.from_regex(COACH_ID_RE, fullmatch=True)

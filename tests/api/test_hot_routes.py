@@ -33,7 +33,7 @@ from app.domain import Period
 from app.errors import Unauthorized
 from app.main import YOUNG_GENERATION_THRESHOLD, CreditsAPI, create_app
 from app.store import CreditStore
-from tests.conftest import FrozenClock
+from tests.support.clock import FrozenClock
 
 WORKER = "worker-key-0123456789abcdef"
 READER = "reader-key-0123456789abcdef"

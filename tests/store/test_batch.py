@@ -15,8 +15,8 @@ from app.config import Scope, Settings
 from app.errors import CreditsError, CreditsExhausted
 from app.main import create_app
 from app.store import AnyRedis, CreditStore, ReserveItem
-from tests.conftest import FrozenClock
-from tests.redis_procs import RedisProcess
+from tests.support.clock import FrozenClock
+from tests.support.redis import RedisProcess
 
 RESERVE = "/v1/reservations/batch"
 SETTLE = "/v1/reservations/settle"

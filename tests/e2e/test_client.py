@@ -23,8 +23,8 @@ from app.client import (
     Unavailable,
 )
 from app.domain import Period
-from tests.redis_procs import RedisProcess, free_port
-from tests.service_proc import READER_KEY, WORKER_KEY, ServiceProcess
+from tests.support.redis import RedisProcess, free_port
+from tests.support.service import READER_KEY, WORKER_KEY, ServiceProcess
 
 FAST_RETRY = RetryPolicy(attempts=5, base_delay=0.01, max_delay=0.1)
 

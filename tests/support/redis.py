@@ -48,7 +48,10 @@ class RedisProcess:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.db_url(0)
+
+    def db_url(self, db: int) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
 
     def start(self, timeout: float = 10.0) -> RedisProcess:
         cmd = [

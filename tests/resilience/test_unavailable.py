@@ -22,8 +22,8 @@ from redis.asyncio import Redis
 from app.config import Settings
 from app.domain import Period, ReservationId
 from app.main import create_app
-from tests.http_helpers import assert_problem
-from tests.redis_procs import RedisProcess, free_port
+from tests.support.http import assert_problem
+from tests.support.redis import RedisProcess, free_port
 
 pytestmark = pytest.mark.real_redis
 

@@ -24,10 +24,11 @@ from fastapi import FastAPI
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from app.main import create_app
-from tests.redis_procs import RedisProcess, free_port
+from tests.support import paths
+from tests.support.redis import RedisProcess, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+ROOT = paths.ROOT
+ARTIFACTS = paths.ARTIFACTS
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",

@@ -32,8 +32,8 @@ from app.errors import (
 )
 from app.main import connect, create_app
 from app.store import SCRIPT_NAMES, CreditStore, idempotency_key_name, period_keys
-from tests.cluster import LocalCluster, wait_for
-from tests.conftest import FrozenClock
+from tests.support.clock import FrozenClock
+from tests.support.cluster import LocalCluster, wait_for
 
 pytestmark = pytest.mark.real_redis
 

@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.config import Settings
 from app.domain import Period, ReservationId
 from app.store import AnyRedis
-from tests.conftest import FrozenClock
-from tests.http_helpers import assert_problem, snapshot
+from tests.support.clock import FrozenClock
+from tests.support.http import assert_problem, snapshot
 
 COACH = "coach-1"
 DEC_1 = datetime(2099, 12, 1, tzinfo=UTC)

@@ -26,7 +26,7 @@ from app.errors import (
     UnknownFeature,
 )
 from app.store import AnyRedis, CreditStore
-from tests.conftest import FrozenClock
+from tests.support.clock import FrozenClock
 
 #: The tests run in a November far ahead of the real date. Key expiries are absolute
 #: instants taken from the frozen clock, and a real Redis deletes at once any key whose

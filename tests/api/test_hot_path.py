@@ -15,7 +15,7 @@ from app.config import Settings
 from app.main import connect
 from app.store import CreditStore
 from app.store.shared_writes import PackedConnection
-from tests.redis_procs import RedisProcess
+from tests.support.redis import RedisProcess
 
 
 @pytest.fixture

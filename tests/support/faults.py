@@ -25,7 +25,7 @@ once, or not at all) but never a double application. A reserve sent without a ke
 cannot be retried safely, so its fate is read from Redis instead: at most one unknown
 hold may have appeared, and only if the model says it fitted.
 
-After every step the harness checks, against :class:`tests.reference.Ledger`:
+After every step the harness checks, against :class:`tests.support.reference.Ledger`:
 used + held <= allowance per coach and period (the raw stored counters, which may still
 include lapsed holds), used equal to the committed credits, every reservation record in
 the state the model expects, every reservation settled at most once (from the event
@@ -33,9 +33,9 @@ log), and what the store reports for usage.
 
 Run on demand::
 
-    python -m tests.faults --seeds 5000            # seeds 0..4999
-    python -m tests.faults --seeds 200 --start 7000 --steps 80
-    python -m tests.faults --seed 1234 --verbose    # one seed, printing every step
+    python -m tests.support.faults --seeds 5000            # seeds 0..4999
+    python -m tests.support.faults --seeds 200 --start 7000 --steps 80
+    python -m tests.support.faults --seed 1234 --verbose    # one seed, printing every step
 
 Flags: ``--seeds N`` how many seeds (default 200), ``--start S`` the first seed
 (default 0), ``--seed S`` exactly one seed, ``--steps K`` steps per seed (default 40),
@@ -79,9 +79,9 @@ from app.errors import (
 )
 from app.main import connect
 from app.store import AnyRedis, CreditStore, ReserveItem, SettleAction, period_keys
-from tests.conftest import FrozenClock
-from tests.redis_procs import RedisProcess
-from tests.reference import Decision, Kind, Ledger, RefReservation, Settle
+from tests.support.clock import FrozenClock
+from tests.support.redis import RedisProcess
+from tests.support.reference import Decision, Kind, Ledger, RefReservation, Settle
 
 ALLOWANCE: Final = 50
 FEATURES: Final = ("checkin_draft", "trend_analysis")
@@ -740,7 +740,7 @@ async def _rewrite_aof(server: RedisProcess) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.faults", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tests.support.faults", description=__doc__)
     parser.add_argument("--seeds", type=int, default=200, help="how many seeds")
     parser.add_argument("--start", type=int, default=0, help="the first seed")
     parser.add_argument("--seed", type=int, default=None, help="run exactly this seed")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import redis
 
-from tests.redis_procs import RedisProcess, free_port, redis_binary
+from tests.support.redis import RedisProcess, free_port, redis_binary
 
 NODE_COUNT = 6
 SLOTS = 16384
