@@ -15,9 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
+from ai_credits_client import CreditsClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.client import CreditsClient
 from tests.redis_procs import RedisProcess
 from tests.service_proc import READER_KEY, WORKER_KEY, ServiceProcess
 
