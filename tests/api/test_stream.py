@@ -15,9 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
+from ai_credits_client import CreditsClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.client import CreditsClient
 from tests.support.redis import RedisProcess
 from tests.support.service import READER_KEY, WORKER_KEY, ServiceProcess
 

@@ -9,8 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 
 import pytest
-
-from app.client import (
+from ai_credits_client import (
     CreditsClient,
     CreditsExhausted,
     Forbidden,
@@ -22,6 +21,7 @@ from app.client import (
     Unauthorized,
     Unavailable,
 )
+
 from app.domain import Period
 from tests.support.redis import RedisProcess, free_port
 from tests.support.service import READER_KEY, WORKER_KEY, ServiceProcess
@@ -182,6 +182,28 @@ def test_the_sync_client_commits_and_refunds(service: ServiceProcess) -> None:
         assert (usage.used, usage.held) == (3, 0)
 
 
+def test_the_sync_client_reads_features_and_the_event_log(service: ServiceProcess) -> None:
+    coach = new_coach()
+    with (
+        SyncCreditsClient(service.url, api_key=WORKER_KEY, retry=FAST_RETRY) as worker,
+        SyncCreditsClient(service.url, api_key=READER_KEY, retry=FAST_RETRY) as reader,
+    ):
+        assert [(f.feature, f.cost) for f in reader.features()] == [
+            ("checkin_draft", 1),
+            ("trend_analysis", 3),
+        ]
+        with worker.hold(coach, "checkin_draft") as hold:
+            pass
+        page = reader.events(coach, limit=1)
+        assert [(e.kind, e.reservation_id) for e in page.events] == [
+            ("committed", hold.reservation_id)
+        ]
+        assert page.next_before is not None
+        rest = reader.events(coach, before=page.next_before)
+        assert [e.kind for e in rest.events] == ["held"]
+        assert rest.next_before is None
+
+
 # --- a connection that drops after the service answered a reserve ----------------------------
 
 
@@ -260,7 +282,7 @@ async def test_a_dropped_connection_mid_reserve_does_not_double_hold(
     usage = await reader.usage(coach)
     assert (usage.used, usage.held) == (3, 0)
     page = await reader.events(coach)
-    kinds = sorted((e["kind"], e["reservation_id"]) for e in page["events"])
+    kinds = sorted((e.kind, e.reservation_id) for e in page.events)
     assert kinds == [("committed", hold.reservation_id), ("held", hold.reservation_id)]
 
 
