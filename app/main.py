@@ -21,7 +21,7 @@ from starlette.types import ASGIApp
 from app.api import panel, problems
 from app.api.deps import KeyRing
 from app.api.events import router as events_router
-from app.api.hot import HotRoutes, can_front
+from app.api.hot import with_front
 from app.api.limits import BodySizeLimit
 from app.api.routes import router
 from app.config import Settings
@@ -54,8 +54,7 @@ class CreditsAPI(FastAPI):
     wherever that gives the same answers (see ``app.api.hot``)."""
 
     def build_middleware_stack(self) -> ASGIApp:
-        standard = super().build_middleware_stack()
-        return HotRoutes(self, standard) if can_front(self) else standard
+        return with_front(self, super().build_middleware_stack())
 
 
 def op_timeout_seconds(settings: Settings) -> float:
@@ -191,6 +190,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.fast_path_warning = None
     app.state.keyring = KeyRing({k: list(v) for k, v in settings.api_keys.items()})
     app.state.metrics = Metrics()
     problems.install(app)
