@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     stream_poll_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
     stream_heartbeat_seconds: Annotated[float, Field(gt=0, le=300)] = 15.0
     stream_max_seconds: Annotated[float, Field(gt=0, le=86_400)] = 600.0
+    #: Usage streams open at once in this process; the next is refused 429.
+    streams_max: Annotated[int, Field(ge=1, le=100_000)] = 1000
 
     @field_validator("feature_costs")
     @classmethod

@@ -148,3 +148,14 @@ class BackendUnavailable(CreditsError):
 
     def __init__(self, detail: str = "The credits store is not reachable right now.") -> None:
         super().__init__(detail + " Please retry shortly.")
+
+
+class TooManyStreams(CreditsError):
+    """This process has as many usage streams open as it allows."""
+
+    code = "too_many_streams"
+    title = "Too many usage streams"
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after

@@ -24,6 +24,7 @@ from app.api.events import router as events_router
 from app.api.hot import with_front
 from app.api.limits import BodySizeLimit
 from app.api.routes import router
+from app.api.streams import UsageStreams
 from app.config import Settings, load_settings
 from app.errors import BackendUnavailable
 from app.metrics import Metrics
@@ -165,6 +166,13 @@ def create_app(
             clock=clock,
             metrics=app.state.metrics,
         )
+        app.state.streams = UsageStreams(
+            app.state.store,
+            app.state.metrics,
+            poll_seconds=settings.stream_poll_seconds,
+            lifetime_seconds=settings.stream_max_seconds,
+            max_streams=settings.streams_max,
+        )
         if settings.embedded:
             log.warning(
                 "EMBEDDED REDIS: CREDITS_REDIS_URL is not set, so credits live in this "
@@ -184,6 +192,7 @@ def create_app(
         try:
             yield
         finally:
+            await app.state.streams.aclose()
             await app.state.store.drain()
             if redis is None:
                 await client.aclose()
