@@ -261,6 +261,9 @@ async def healthz() -> JSONResponse:
     tags=["operations"],
 )
 async def readyz(request: Request, store: StoreDep) -> JSONResponse:
+    """Ready while Redis answers. What every instance shares (open mode, Redis refusing
+    writes) or what costs this one speed is listed in ``warnings``, never a 503: taking
+    every instance out of rotation for a shared fault would only make it worse."""
     state = request.app.state
     settings = state.settings
     await store.ping()
@@ -270,6 +273,9 @@ async def readyz(request: Request, store: StoreDep) -> JSONResponse:
         warnings.append("OPEN MODE: no API keys are configured; anyone can spend credits.")
     if settings.embedded:
         warnings.append("EMBEDDED REDIS: in-process and not persisted; for trying out only.")
+    refusal: str | None = getattr(store, "write_refusal", None)
+    if refusal:
+        warnings.append(f"REDIS REFUSES WRITES: {refusal}")
     fast_path_warning: str | None = state.fast_path_warning
     if fast_path_warning:
         warnings.append(fast_path_warning)
