@@ -53,6 +53,9 @@ OBSERVED: Final = (
     "each span's route)"
 )
 
+#: The names of the two routes the front stands in for.
+_NAMES: Final = frozenset({"reserve", "commit"})
+
 T = TypeVar("T")
 
 
@@ -86,9 +89,6 @@ def front_refusal(app: FastAPI) -> str | None:
     ):
         return "reserve and commit are not at their own paths (mounted under a prefix?)"
     return None
-
-
-_NAMES: Final = frozenset({"reserve", "commit"})
 
 
 def _routed(app: FastAPI, name: str, path_format: str, **params: str) -> bool:
