@@ -156,3 +156,14 @@ class WriteRefused(BackendUnavailable):
 
     def __init__(self, refusal: str) -> None:
         super().__init__(f"Redis refused the write ({refusal}).")
+
+
+class TooManyStreams(CreditsError):
+    """This process has as many usage streams open as it allows."""
+
+    code = "too_many_streams"
+    title = "Too many usage streams"
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after

@@ -21,10 +21,11 @@ from starlette.types import ASGIApp
 from app.api import panel, problems
 from app.api.deps import KeyRing
 from app.api.events import router as events_router
-from app.api.hot import HotRoutes, can_front
+from app.api.hot import with_front
 from app.api.limits import BodySizeLimit
 from app.api.routes import router
-from app.config import Settings
+from app.api.streams import UsageStreams
+from app.config import Settings, load_settings
 from app.errors import BackendUnavailable
 from app.metrics import Metrics
 from app.store import AnyRedis, Clock, CreditStore, utc_now
@@ -54,8 +55,7 @@ class CreditsAPI(FastAPI):
     wherever that gives the same answers (see ``app.api.hot``)."""
 
     def build_middleware_stack(self) -> ASGIApp:
-        standard = super().build_middleware_stack()
-        return HotRoutes(self, standard) if can_front(self) else standard
+        return with_front(self, super().build_middleware_stack())
 
 
 def op_timeout_seconds(settings: Settings) -> float:
@@ -125,9 +125,10 @@ _heap_settled = False
 
 
 def settle_heap() -> None:
-    """Once per process, as it starts serving: what exists by now (modules, the app, its
-    routes and models) lives as long as the process, so it is moved out of the cycle
-    collector's sight (``gc.freeze``), and the young generation is collected less often.
+    """Once per process, as the production app starts serving: what exists by now
+    (modules, the app, its routes and models) lives as long as the process, so it is
+    moved out of the cycle collector's sight (``gc.freeze``), and the young generation
+    is collected less often.
     Under load the collector had cost about a tenth of a request's CPU, in pauses of up
     to 80 ms; with this, a few per cent of that."""
     global _heap_settled
@@ -145,8 +146,11 @@ def create_app(
     *,
     redis: AnyRedis | None = None,
     clock: Clock = utc_now,
+    tune_gc: bool = False,
 ) -> FastAPI:
-    settings = settings or Settings()
+    """The app. ``tune_gc`` changes the process's garbage collection as it starts serving
+    (``settle_heap``): for the process that serves it alone, never for a host or a test."""
+    settings = settings or load_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -162,6 +166,13 @@ def create_app(
             clock=clock,
             metrics=app.state.metrics,
         )
+        app.state.streams = UsageStreams(
+            app.state.store,
+            app.state.metrics,
+            poll_seconds=settings.stream_poll_seconds,
+            lifetime_seconds=settings.stream_max_seconds,
+            max_streams=settings.streams_max,
+        )
         if settings.embedded:
             log.warning(
                 "EMBEDDED REDIS: CREDITS_REDIS_URL is not set, so credits live in this "
@@ -176,10 +187,12 @@ def create_app(
             await app.state.store.ensure_scripts()
         except BackendUnavailable:
             log.warning("redis is not reachable at start-up; serving 503 until it is")
-        settle_heap()
+        if tune_gc:
+            settle_heap()
         try:
             yield
         finally:
+            await app.state.streams.aclose()
             await app.state.store.drain()
             if redis is None:
                 await client.aclose()
@@ -191,6 +204,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.fast_path_warning = None
     app.state.keyring = KeyRing({k: list(v) for k, v in settings.api_keys.items()})
     app.state.metrics = Metrics()
     problems.install(app)
@@ -201,4 +215,5 @@ def create_app(
     return app
 
 
-app = create_app()
+#: What ``uvicorn app.main:app`` serves: the one process that owns its heap.
+app = create_app(tune_gc=True)

@@ -87,7 +87,7 @@ class Access:
     """A dependency that admits keys holding any of its scopes (admin always passes).
 
     ``admit`` is the check itself, for routes that read the header without FastAPI's
-    parameter machinery (see ``app.api.fast``)."""
+    parameter machinery (see ``app.api.hot``)."""
 
     def __init__(self, *scopes: Scope) -> None:
         self.allowed = frozenset((*scopes, Scope.ADMIN))

@@ -1,29 +1,24 @@
 """Dashboard feeds: a coach's event log, and a live usage stream (Server-Sent Events).
 
-The stream polls a per-coach change token rather than having the scripts ``PUBLISH``:
+The stream polls rather than having the scripts ``PUBLISH``:
 
 * The scripts stay what they are, pure ledger changes on one coach's slot. A publish
   from inside them would be fire-and-forget anyway (a subscriber that was reconnecting
   misses it), so a subscriber would still need to read the usage to catch up.
 * Pub/sub on Redis Cluster is broadcast to every node (or, with sharded pub/sub, needs
-  one more connection per shard); polling one coach's keys is an ordinary single-slot
-  read that works unchanged on a single Redis and on a cluster.
-* A subscriber needs no dedicated Redis connection: each poll borrows a pooled one for
-  one cheap read-only script call (two hash fields and the lapsed part of a sorted set).
+  one more connection per shard); reading coaches' usage is ordinary single-slot reads
+  that work unchanged on a single Redis and on a cluster.
 * Holds that lapse change the usage without any script running, so a push design would
   still need a timer to notice them; a poll sees them on its next tick.
 
-The change token is the usage as the dashboard shows it (used and held, with lapsed
-holds no longer held, in the current period): an event is sent only when that differs
-from the last one sent, so a reserve-and-refund between two polls sends nothing.
-The cost is latency of up to one poll interval and one Redis call per subscriber per
-interval (``CREDITS_STREAM_POLL_SECONDS``, default 1 s).
+The streams of a process are read together (``app.api.streams``): one batched read per
+poll interval (``CREDITS_STREAM_POLL_SECONDS``, default 1 s) for all of them, one read
+per coach however many streams watch it. The cost is latency of up to one interval.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Final, Literal
@@ -31,14 +26,16 @@ from typing import Annotated, Final, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
+from starlette.types import Receive, Scope, Send
 
 from app import domain
 from app.api import paths  # noqa: F401  (registers the {coach_id:coach_id} path type)
 from app.api.deps import AnyScope, Reader, StoreDep
 from app.api.problems import PROBLEM_JSON
-from app.api.schemas import ProblemOut, usage_json
+from app.api.schemas import ProblemOut
+from app.api.streams import UsageStreams, Watch, usage_text
 from app.domain import Period
-from app.errors import BackendUnavailable, InvalidRequest
+from app.errors import InvalidRequest
 from app.store import EventPage
 
 log = logging.getLogger("credits.api")
@@ -131,6 +128,45 @@ def _sse(event: str, data: str, *, retry_ms: int | None = None) -> str:
     return f"{retry}event: {event}\ndata: {data}\n\n"
 
 
+class UsageStreamResponse(StreamingResponse):
+    """A stream that gives its slot back however it ends, even if it never starts."""
+
+    def __init__(self, streams: UsageStreams, watch: Watch, heartbeat: float) -> None:
+        super().__init__(
+            _feed(watch, heartbeat),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+        self.streams = streams
+        self.watch = watch
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.streams.close(self.watch)
+
+
+async def _feed(watch: Watch, heartbeat: float) -> AsyncIterator[str]:
+    loop = asyncio.get_running_loop()
+    last_write = loop.time()
+    yield _sse("usage", watch.sent, retry_ms=RECONNECT_MS)
+    # Bounded lifetime: a deploy can drain, and EventSource reconnects by itself.
+    while (now := loop.time()) < watch.ends_at:
+        quiet_for = now - last_write
+        if quiet_for >= heartbeat:
+            last_write = now
+            yield ": keep-alive\n\n"
+            continue
+        try:
+            async with asyncio.timeout(min(heartbeat - quiet_for, watch.ends_at - now)):
+                changed = await watch.next_change()
+        except TimeoutError:
+            continue
+        last_write = loop.time()
+        yield _sse("usage", changed)
+
+
 @router.get(
     "/v1/coaches/{coach_id:coach_id}/usage/stream",
     response_class=StreamingResponse,
@@ -142,7 +178,7 @@ def _sse(event: str, data: str, *, retry_ms: int | None = None) -> str:
                 "once, then one whenever it changes; `: keep-alive` comments in between."
             ),
         },
-        **_problems(401, 403, 422, 503),
+        **_problems(401, 403, 422, 429, 503),
     },
     tags=["usage"],
     summary="Live usage as Server-Sent Events",
@@ -150,44 +186,14 @@ def _sse(event: str, data: str, *, retry_ms: int | None = None) -> str:
 async def stream_usage(
     coach_id: str, request: Request, store: StoreDep, _: AnyScope
 ) -> StreamingResponse:
-    # Read once before answering: a bad coach id or an unreachable Redis is a problem
-    # response with its status, not a 200 stream that dies at once.
-    first = await store.usage(coach_id)
-    settings = request.app.state.settings
-    metrics = request.app.state.metrics
-    poll = float(settings.stream_poll_seconds)
-    heartbeat = float(settings.stream_heartbeat_seconds)
-    lifetime = float(settings.stream_max_seconds)
-
-    async def feed() -> AsyncIterator[str]:
-        loop = asyncio.get_running_loop()
-        started = last_write = loop.time()
-        last = json.dumps(usage_json(first), separators=(",", ":"))
-        metrics.streams_open.inc()
-        try:
-            yield _sse("usage", last, retry_ms=RECONNECT_MS)
-            # Bounded lifetime: a deploy can drain, and EventSource reconnects by itself.
-            while loop.time() - started < lifetime:
-                await asyncio.sleep(poll)
-                try:
-                    current = json.dumps(
-                        usage_json(await store.usage(coach_id)), separators=(",", ":")
-                    )
-                except BackendUnavailable:
-                    # Keep the stream: the dashboard keeps its last figures meanwhile.
-                    current = last
-                now = loop.time()
-                if current != last:
-                    last, last_write = current, now
-                    yield _sse("usage", current)
-                elif now - last_write >= heartbeat:
-                    last_write = now
-                    yield ": keep-alive\n\n"
-        finally:
-            metrics.streams_open.dec()
-
-    return StreamingResponse(
-        feed(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-    )
+    streams: UsageStreams = request.app.state.streams
+    watch = streams.open(coach_id)
+    try:
+        # Read once before answering: a bad coach id or an unreachable Redis is a
+        # problem response with its status, not a 200 stream that dies at once.
+        watch.sent = usage_text(await store.usage(coach_id))
+    except BaseException:
+        streams.close(watch)
+        raise
+    heartbeat = float(request.app.state.settings.stream_heartbeat_seconds)
+    return UsageStreamResponse(streams, watch, heartbeat)

@@ -21,6 +21,7 @@ from app.errors import (
     NotFound,
     PayloadTooLarge,
     ReservationConflict,
+    TooManyStreams,
     Unauthorized,
 )
 
@@ -31,6 +32,7 @@ PROBLEM_JSON: Final = "application/problem+json"
 #: Most specific class first; the first match wins.
 STATUS_BY_ERROR: Final[tuple[tuple[type[CreditsError], int], ...]] = (
     (CreditsExhausted, 429),
+    (TooManyStreams, 429),
     (ReservationConflict, 409),
     (NotFound, 404),
     (InvalidRequest, 422),
@@ -95,7 +97,7 @@ def problem_body(exc: CreditsError) -> dict[str, object]:
 def error_response(exc: CreditsError, *, retry_after_unavailable: int = 1) -> Response:
     status = status_for(exc)
     headers: dict[str, str] = {}
-    if isinstance(exc, CreditsExhausted):
+    if isinstance(exc, CreditsExhausted | TooManyStreams):
         headers["Retry-After"] = str(exc.retry_after)
     elif isinstance(exc, BackendUnavailable):
         headers["Retry-After"] = str(retry_after_unavailable)

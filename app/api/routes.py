@@ -8,14 +8,12 @@ from typing import Annotated, Any, Final
 from fastapi import APIRouter, Body, Header, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
-from starlette.datastructures import State
 from starlette.responses import Response
 
 from app import domain
 from app.api import paths  # noqa: F401  (registers the {coach_id:coach_id} path type)
-from app.api.deps import WORKER_ACCESS, AnyScope, MetricsDep, Reader, StoreDep, Worker, store_of
-from app.api.fast import FastJSONResponse, FastRoute, header, json_response, served_by
+from app.api.answers import Answer, FastJSONResponse, json_answer
+from app.api.deps import AnyScope, MetricsDep, Principal, Reader, StoreDep, Worker, store_of
 from app.api.problems import problem_body
 from app.api.schemas import (
     BatchReserveOut,
@@ -34,11 +32,10 @@ from app.api.schemas import (
     reservation_json,
     usage_json,
 )
-from app.domain import Reservation
 from app.errors import CreditsError, InvalidRequest
 from app.store import CreditStore, ReserveItem
 
-router = APIRouter(route_class=FastRoute)
+router = APIRouter()
 
 #: The two hot routes, whose paths ``app.api.hot`` matches in front of the router.
 RESERVE_PATH: Final = "/v1/coaches/{coach_id:coach_id}/reservations"
@@ -49,8 +46,8 @@ COMMIT_PATH: Final = "/v1/reservations/{reservation_id}/commit"
 # noticeable share of a request's CPU, and the store needs none of it. A ``Request``
 # parameter leaves the OpenAPI schema as it was, and the access check stays the one
 # dependency, so it still answers before the body is looked at. Reserve and commit go
-# further: ``reserve_reply`` and ``commit_reply`` give their answers without a request
-# object, to ``app.api.hot`` in front of the router and to ``app.api.fast`` behind it.
+# further: ``reserve_answer`` and ``commit_answer`` build their answers without a request
+# object, for these routes and for the front in ``app.api.hot``.
 
 
 def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -78,71 +75,29 @@ async def list_features(request: Request, _: AnyScope) -> JSONResponse:
     )
 
 
-async def _hold(
+async def reserve_answer(
     store: CreditStore,
     coach_id: str,
     body: ReserveRequest,
-    key_id: str,
+    principal: Principal,
     idempotency_key: str | None,
-) -> tuple[Reservation, bool]:
+) -> Answer:
+    """A reserve as both ways answer it once the caller is admitted and the body is valid."""
     if idempotency_key is not None and not domain.is_valid_idempotency_key(idempotency_key):
         raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters.")
-    return await store.reserve(
+    reservation, created = await store.reserve(
         coach_id,
         body.feature,
         ttl_seconds=body.ttl_seconds,
         idempotency_key=idempotency_key,
-        principal=key_id,
+        principal=principal.key_id,
     )
+    return json_answer(201 if created else 200, encode_reservation(reservation))
 
 
-async def _reserve(
-    request: Request, coach_id: str, body: ReserveRequest, key_id: str, idempotency_key: str | None
-) -> Response:
-    reservation, created = await _hold(store_of(request), coach_id, body, key_id, idempotency_key)
-    return FastJSONResponse(reservation_json(reservation), status_code=201 if created else 200)
-
-
-async def reserve_reply(
-    state: State,
-    coach_id: str,
-    raw: bytes,
-    authorization: str | None,
-    idempotency_key: str | None,
-) -> tuple[int, bytes] | None:
-    """A reserve with the JSON body ``raw``, as the route answers it: status and body.
-
-    None when the body does not validate: the standard handler answers that, with its
-    exact wording. In the route's order too: a body that is not JSON at all is refused
-    before the key is looked at, a valid one after."""
-    try:
-        body = ReserveRequest.model_validate_json(raw)
-    except ValidationError:
-        return None
-    principal = WORKER_ACCESS.admit(state.keyring, authorization)
-    store: CreditStore = state.store
-    reservation, created = await _hold(store, coach_id, body, principal.key_id, idempotency_key)
-    return 201 if created else 200, encode_reservation(reservation)
-
-
-async def _reserve_fast(request: Request) -> Response | None:
-    # Only a plain JSON body that validates is served here; anything else (a body that
-    # is not JSON, fails the schema or comes as another content type) takes the standard
-    # path, which answers it exactly as before.
-    if header(request, b"content-type") != "application/json":
-        return None
-    try:
-        raw = await request.body()
-    except Exception:  # a failed read: the standard path answers it as before
-        return None
-    reply = await reserve_reply(
-        request.app.state,
-        request.path_params["coach_id"],
-        raw,
-        header(request, b"authorization"),
-        header(request, b"idempotency-key"),
-    )
-    return None if reply is None else json_response(*reply)
+async def commit_answer(store: CreditStore, reservation_id: str) -> Answer:
+    """A commit as both ways answer it once the caller is admitted."""
+    return json_answer(200, encode_reservation(await store.commit(reservation_id)))
 
 
 @router.post(
@@ -155,7 +110,6 @@ async def _reserve_fast(request: Request) -> Response | None:
     },
     tags=["reservations"],
 )
-@served_by(_reserve_fast)
 async def reserve(
     coach_id: str,
     body: ReserveRequest,
@@ -171,7 +125,8 @@ async def reserve(
         ),
     ] = None,
 ) -> Response:
-    return await _reserve(request, coach_id, body, principal.key_id, idempotency_key)
+    answer = await reserve_answer(store_of(request), coach_id, body, principal, idempotency_key)
+    return answer.response()
 
 
 @router.get(
@@ -185,31 +140,14 @@ async def get_reservation(reservation_id: str, request: Request, _: Worker) -> R
     return FastJSONResponse(reservation_json(reservation))
 
 
-async def commit_reply(state: State, reservation_id: str, authorization: str | None) -> bytes:
-    """A commit as the route answers it with 200: the encoded reservation."""
-    WORKER_ACCESS.admit(state.keyring, authorization)
-    store: CreditStore = state.store
-    return encode_reservation(await store.commit(reservation_id))
-
-
-async def _commit_fast(request: Request) -> Response:
-    reply = await commit_reply(
-        request.app.state,
-        request.path_params["reservation_id"],
-        header(request, b"authorization"),
-    )
-    return json_response(200, reply)
-
-
 @router.post(
     COMMIT_PATH,
     response_model=ReservationOut,
     responses=_problems(404, 409, 422, *_AUTH),
     tags=["reservations"],
 )
-@served_by(_commit_fast)
 async def commit(reservation_id: str, request: Request, _: Worker) -> Response:
-    return FastJSONResponse(reservation_json(await store_of(request).commit(reservation_id)))
+    return (await commit_answer(store_of(request), reservation_id)).response()
 
 
 @router.post(
@@ -323,7 +261,11 @@ async def healthz() -> JSONResponse:
     tags=["operations"],
 )
 async def readyz(request: Request, store: StoreDep) -> JSONResponse:
-    settings = request.app.state.settings
+    """Ready while Redis answers. What every instance shares (open mode, Redis refusing
+    writes) or what costs this one speed is listed in ``warnings``, never a 503: taking
+    every instance out of rotation for a shared fault would only make it worse."""
+    state = request.app.state
+    settings = state.settings
     await store.ping()
     await store.ensure_scripts()
     warnings: list[str] = []
@@ -331,12 +273,19 @@ async def readyz(request: Request, store: StoreDep) -> JSONResponse:
         warnings.append("OPEN MODE: no API keys are configured; anyone can spend credits.")
     if settings.embedded:
         warnings.append("EMBEDDED REDIS: in-process and not persisted; for trying out only.")
+    refusal: str | None = getattr(store, "write_refusal", None)
+    if refusal:
+        warnings.append(f"REDIS REFUSES WRITES: {refusal}")
+    fast_path_warning: str | None = state.fast_path_warning
+    if fast_path_warning:
+        warnings.append(fast_path_warning)
     backend = "embedded" if settings.embedded else "cluster" if settings.redis_cluster else "redis"
     return JSONResponse(
         {
             "status": "ready",
             "backend": backend,
             "auth": "open" if settings.open_mode else "keys",
+            "fast_path": fast_path_warning is None,
             "warnings": warnings,
         }
     )

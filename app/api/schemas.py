@@ -94,6 +94,10 @@ class ReadyOut(BaseModel):
     status: Literal["ready"]
     backend: Literal["embedded", "redis", "cluster"]
     auth: Literal["keys", "open"]
+    fast_path: bool = Field(
+        description="Whether reserve and commit are answered ahead of the middleware "
+        "stack; when not, a warning says why."
+    )
     warnings: list[str]
 
 
@@ -199,7 +203,7 @@ def reservation_json(r: Reservation) -> dict[str, object]:
 
 
 def encode_reservation(r: Reservation) -> bytes:
-    """``reservation_json`` as the routes send it (see ``app.api.fast.FastJSONResponse``)."""
+    """``reservation_json`` as the routes send it (see ``app.api.answers.FastJSONResponse``)."""
     return orjson.dumps(reservation_json(r))
 
 

@@ -69,17 +69,17 @@ def test_packed_connection_refuses_what_redis_py_refuses(bad: object) -> None:
 
 
 def test_connect_packs_in_c_on_plain_tcp_only() -> None:
-    plain = connect(Settings(redis_url="redis://127.0.0.1:1/0"))
+    plain = connect(Settings(redis_url="redis://127.0.0.1:1/0", allow_open=True))
     assert isinstance(plain, Redis)
     assert plain.connection_pool.connection_class is PackedConnection
-    tls = connect(Settings(redis_url="rediss://127.0.0.1:1/0"))
+    tls = connect(Settings(redis_url="rediss://127.0.0.1:1/0", allow_open=True))
     assert isinstance(tls, Redis)
     assert tls.connection_pool.connection_class is SSLConnection
 
 
 @pytest.mark.real_redis
 async def test_store_round_trips_over_packed_connections(redis_server: RedisProcess) -> None:
-    client = connect(Settings(redis_url=redis_server.url))
+    client = connect(Settings(redis_url=redis_server.url, allow_open=True))
     try:
         await client.flushall()
         store = CreditStore(client)

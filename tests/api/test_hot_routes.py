@@ -1,22 +1,31 @@
 """Reserve and commit answered in front of the router (``app.api.hot``) give exactly the
 answers of the standard way: the same request sequence, sent as raw ASGI messages to an
-app with the front dispatch and to one without it, gets the same messages back. And the
+app with the front dispatch and to one without it, gets the same messages back. Where
+the front cannot stand in, the service says so in its log and in ``/readyz``. And the
 reply encoder's shortcuts read as the general formatting does."""
 
 from __future__ import annotations
 
-import gc
 import json
+import logging
+import os
 import re
-from collections.abc import Callable, Iterator
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import fakeredis
+import httpx
 import pytest
+from fastapi import FastAPI
 from hypothesis import given
 from hypothesis import strategies as st
+from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,14 +33,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import domain
 from app.api import problems, schemas
 from app.api.deps import KeyRing
-from app.api.hot import HotRoutes
+from app.api.hot import OBSERVED, UNDER_ROOT_PATH, HotRoutes, front_refusal
 from app.api.limits import BodySizeLimit
 from app.api.routes import router
 from app.config import Scope as KeyScope
 from app.config import Settings
 from app.domain import Period
 from app.errors import Unauthorized
-from app.main import YOUNG_GENERATION_THRESHOLD, CreditsAPI, create_app
+from app.main import CreditsAPI, create_app
 from app.store import CreditStore
 from tests.support.clock import FrozenClock
 
@@ -222,7 +231,7 @@ async def serve(front: bool, sequence: Callable[[Callable[[int], str]], Iterator
     app = create_app(settings, redis=fakeredis.FakeAsyncRedis(decode_responses=True), clock=clock)
     stack = app.build_middleware_stack()
     assert isinstance(stack, HotRoutes)
-    standard = stack.standard
+    standard = stack.app
     handed_on = 0
 
     async def counted(scope: Scope, receive: Receive, send: Send) -> None:
@@ -230,7 +239,7 @@ async def serve(front: bool, sequence: Callable[[Callable[[int], str]], Iterator
         handed_on += 1
         await standard(scope, receive, send)
 
-    stack.standard = counted
+    stack.app = counted
     app.middleware_stack = stack if front else counted
     ids: list[str] = []
     answers = []
@@ -308,21 +317,167 @@ def test_reply_periods_read_as_before() -> None:
         assert schemas._period_texts(period) == (str(period), domain.iso_z(period.resets_at))
 
 
+def refused(app: FastAPI) -> str:
+    """Why the front stands aside for ``app``; the standard stack is what serves it."""
+    reason = front_refusal(app)
+    assert reason is not None
+    assert not isinstance(app.build_middleware_stack(), HotRoutes)
+    return reason
+
+
 def test_front_stands_aside_where_it_would_answer_otherwise() -> None:
+    assert front_refusal(create_app(Settings())) is None
     assert isinstance(create_app(Settings()).build_middleware_stack(), HotRoutes)
     gzip = create_app(Settings())
     gzip.add_middleware(GZipMiddleware)  # would be skipped
+    assert "GZipMiddleware" in refused(gzip)
     debug = create_app(Settings())
     debug.debug = True  # 500s with a traceback
+    assert "debug" in refused(debug)
     handler = create_app(Settings())
     handler.add_exception_handler(Exception, lambda request, exc: Response(status_code=500))
+    assert "error handlers" in refused(handler)
+    limited = create_app(Settings())
+    limited.max_body_size = 1024  # FastAPI's own limit, with its own 413
+    assert "max_body_size" in refused(limited)
+    rooted = create_app(Settings())
+    rooted.root_path = "/api"
+    assert refused(rooted) == UNDER_ROOT_PATH
     prefixed = CreditsAPI()
     problems.install(prefixed)
     prefixed.include_router(router, prefix="/api")
     prefixed.add_middleware(BodySizeLimit)
     assert prefixed.url_path_for("reserve", coach_id="c") == "/api/v1/coaches/c/reservations"
-    for app in (gzip, debug, handler, prefixed):
-        assert not isinstance(app.build_middleware_stack(), HotRoutes)
+    assert "paths" in refused(prefixed)
+
+
+@asynccontextmanager
+async def client_of(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://credits") as client:
+            yield client
+
+
+def fast_path_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "FAST PATH OFF" in r.getMessage()
+    ]
+
+
+async def test_another_middleware_is_reported_and_answers_stay_right(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = Settings(api_keys={WORKER: [KeyScope.WORKER]})
+    app = create_app(settings, redis=fakeredis.FakeAsyncRedis(decode_responses=True))
+    app.add_middleware(CORSMiddleware, allow_origins=["https://coach.example"])
+    worker = {"Authorization": f"Bearer {WORKER}", "Origin": "https://coach.example"}
+    with caplog.at_level(logging.WARNING):
+        async with client_of(app) as client:
+            ready = await client.get("/readyz")
+            made = await client.post(
+                "/v1/coaches/c-1/reservations", json={"feature": "trend_analysis"}, headers=worker
+            )
+            done = await client.post(
+                f"/v1/reservations/{made.json()['reservation_id']}/commit", headers=worker
+            )
+            refused = await client.post(
+                "/v1/coaches/c-1/reservations", json={"feature": "trend_analysis"}
+            )
+    assert ready.status_code == 200
+    assert ready.json()["fast_path"] is False
+    [warning] = [w for w in ready.json()["warnings"] if "FAST PATH OFF" in w]
+    assert "CORSMiddleware" in warning
+    assert fast_path_warnings(caplog) == [warning]
+    # The standard way answered, through the middleware the front would have skipped.
+    assert made.status_code == 201, made.text
+    assert made.headers["access-control-allow-origin"] == "https://coach.example"
+    assert done.status_code == 200, done.text
+    assert done.json()["note"] == "Used 3 credits · 47 of 50 left this month"
+    assert done.headers["access-control-allow-origin"] == "https://coach.example"
+    assert refused.status_code == 401
+    assert refused.json()["code"] == "unauthorized"
+
+
+async def test_the_front_says_nothing_while_it_serves(caplog: pytest.LogCaptureFixture) -> None:
+    app = create_app(Settings(), redis=fakeredis.FakeAsyncRedis(decode_responses=True))
+    with caplog.at_level(logging.WARNING):
+        async with client_of(app) as client:
+            made = await client.post("/v1/coaches/c-1/reservations", json={"feature": "x"})
+            ready = (await client.get("/readyz")).json()
+    assert made.status_code == 422
+    assert ready["fast_path"] is True
+    assert not [w for w in ready["warnings"] if "FAST PATH" in w]
+    assert fast_path_warnings(caplog) == []
+
+
+async def test_requests_under_a_root_path_are_reported_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = create_app(Settings(), redis=fakeredis.FakeAsyncRedis(decode_responses=True))
+    with caplog.at_level(logging.WARNING):
+        async with app.router.lifespan_context(app):
+            for _ in range(3):
+                call = Call("/api/v1/coaches/c-1/reservations", b'{"feature":"x"}', JSON)
+                call.root_path = "/api"
+                sent, raised = await answer(app, call)
+                assert raised is None
+                assert sent[0]["status"] == 422  # answered the standard way
+            ready, _ = await answer(app, Call("/readyz", method="GET", key=None))
+    body = json.loads(b"".join(m["body"] for m in ready if m["type"] == "http.response.body"))
+    assert body["fast_path"] is False
+    assert [w for w in body["warnings"] if "FAST PATH OFF" in w] == fast_path_warnings(caplog)
+    assert UNDER_ROOT_PATH in fast_path_warnings(caplog)[0]
+
+
+#: Run in a process of its own: an OpenTelemetry tracer provider, once set, is global.
+_OBSERVED_APP = """
+import asyncio, json, fakeredis, httpx
+from opentelemetry import trace
+
+class Provider(trace.TracerProvider):
+    def get_tracer(self, *args, **kwargs):
+        return trace.NoOpTracer()
+
+trace.set_tracer_provider(Provider())
+from app.config import Settings
+from app.main import create_app
+
+async def main():
+    app = create_app(Settings(), redis=fakeredis.FakeAsyncRedis(decode_responses=True))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://credits") as c:
+            made = await c.post("/v1/coaches/c-1/reservations", json={"feature": "checkin_draft"})
+            ready = await c.get("/readyz")
+    print(json.dumps({"made": made.status_code, "ready": ready.json()}))
+
+asyncio.run(main())
+"""
+
+
+def test_requests_that_fastapi_observes_take_the_standard_way(tmp_path: Path) -> None:
+    """FastAPI's OpenTelemetry gives each span the route that the standard way matched,
+    so the front stands aside for an observed request. It learns that through
+    ``fastapi.telemetry.get_telemetry_data``: this fails when that stops telling."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CREDITS_", "OTEL_"))}
+    done = subprocess.run(
+        [sys.executable, "-c", _OBSERVED_APP],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["made"] == 201
+    assert result["ready"]["fast_path"] is False
+    assert any(OBSERVED in w for w in result["ready"]["warnings"])
+    assert "FAST PATH OFF" in done.stderr
 
 
 def test_admitted_keys_are_remembered_and_only_those() -> None:
@@ -334,10 +489,3 @@ def test_admitted_keys_are_remembered_and_only_those() -> None:
         with pytest.raises(Unauthorized):
             ring.authenticate(refused)
     assert len(ring._admitted) == 2
-
-
-async def test_serving_settles_the_heap_once() -> None:
-    app = create_app(Settings(), redis=fakeredis.FakeAsyncRedis(decode_responses=True))
-    async with app.router.lifespan_context(app):
-        assert gc.get_freeze_count() > 0
-        assert gc.get_threshold()[0] >= YOUNG_GENERATION_THRESHOLD

@@ -1,7 +1,9 @@
 """The live usage stream (Server-Sent Events) against the real service on a private Redis.
 
 Streams need a real server: an in-process ASGI transport collects the whole body
-before answering, and a stream has no end.
+before answering, and a stream has no end. Most tests run the service in a process of
+its own; those that count the store calls of the streams run uvicorn in the test's own
+event loop, so that they can watch the store.
 """
 
 from __future__ import annotations
@@ -9,16 +11,22 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from ai_credits_client import CreditsClient
+from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
 
-from tests.support.redis import RedisProcess
+from app.config import Scope, Settings
+from app.main import create_app
+from tests.support.http import assert_problem
+from tests.support.redis import RedisProcess, free_port
 from tests.support.service import READER_KEY, WORKER_KEY, ServiceProcess
 
 #: Generous bound on waiting for something the service is expected to do; a hang fails.
@@ -75,9 +83,15 @@ class Stream:
 
 @asynccontextmanager
 async def open_stream(service: ServiceProcess, coach: str, key: str) -> AsyncIterator[Stream]:
+    async with open_stream_at(service.url, coach, key) as stream:
+        yield stream
+
+
+@asynccontextmanager
+async def open_stream_at(url: str, coach: str, key: str) -> AsyncIterator[Stream]:
     headers = {"Authorization": f"Bearer {key}"}
     async with (
-        httpx.AsyncClient(base_url=service.url, headers=headers, timeout=WAIT) as http,
+        httpx.AsyncClient(base_url=url, headers=headers, timeout=WAIT) as http,
         http.stream("GET", f"/v1/coaches/{coach}/usage/stream") as response,
     ):
         assert response.status_code == 200
@@ -172,3 +186,132 @@ def test_refusals_are_problems_not_streams(
     assert r.status_code == status
     assert r.headers["content-type"] == "application/problem+json"
     assert r.json()["code"] == code
+
+
+# --- the streams of one process, read together ---------------------------------------------
+
+
+@asynccontextmanager
+async def served_here(app: FastAPI) -> AsyncIterator[str]:
+    """``app`` served by uvicorn in this event loop; its base URL."""
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(WAIT):
+            while not server.started:
+                if serving.done():
+                    serving.result()
+                    raise RuntimeError("uvicorn stopped before it started")
+                await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        async with asyncio.timeout(WAIT):
+            await serving
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(WAIT):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisProcess) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url, decode_responses=True)
+    await client.flushall()
+    yield client
+    await client.flushall()
+    await client.aclose()
+
+
+def stream_app(redis: Redis, **settings: Any) -> FastAPI:
+    keys = {READER_KEY: [Scope.READER], WORKER_KEY: [Scope.WORKER]}
+    defaults: dict[str, Any] = {"stream_poll_seconds": 0.05, "stream_heartbeat_seconds": 0.1}
+    return create_app(Settings(api_keys=keys, **(defaults | settings)), redis=redis)
+
+
+async def stream_refusal(url: str, coach: str) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {READER_KEY}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=WAIT) as http:
+        return await http.get(f"/v1/coaches/{coach}/usage/stream")
+
+
+@pytest.mark.real_redis
+async def test_one_stream_over_the_cap_is_refused_until_one_closes(redis_client: Redis) -> None:
+    app = stream_app(redis_client, streams_max=2, stream_max_seconds=60)
+    async with served_here(app) as url, AsyncExitStack() as streams:
+        first = await streams.enter_async_context(open_stream_at(url, "cap-a", READER_KEY))
+        second = await streams.enter_async_context(open_stream_at(url, "cap-b", READER_KEY))
+        for stream in (first, second):
+            await stream.next_usage()
+        refused = await stream_refusal(url, "cap-c")
+        assert_problem(refused, 429, "too_many_streams")
+        assert 1 <= int(refused.headers["Retry-After"]) <= 60
+        assert app.state.streams.count == 2
+
+        await streams.aclose()  # both clients hang up
+        await eventually(lambda: app.state.streams.count == 0)
+        async with open_stream_at(url, "cap-c", READER_KEY) as third:
+            assert (await third.next_usage())["coach_id"] == "cap-c"
+
+
+@pytest.mark.real_redis
+async def test_a_refused_first_read_gives_its_slot_back(redis_client: Redis) -> None:
+    app = stream_app(redis_client, streams_max=1)
+    async with served_here(app) as url:
+        assert_problem(await stream_refusal(url, "{bad}"), 422, "invalid_coach_id")
+        assert app.state.streams.count == 0
+        async with open_stream_at(url, "slot-back", READER_KEY) as stream:
+            await stream.next_usage()
+
+
+@pytest.mark.real_redis
+async def test_the_streams_of_a_process_are_read_together_once_per_coach(
+    redis_client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    coaches = [new_coach() for _ in range(3)]
+    app = stream_app(redis_client)
+    async with served_here(app) as url, AsyncExitStack() as opened:
+        store = app.state.store
+        batches: list[list[str]] = []
+        singles: list[str] = []
+        usage_many, usage = store.usage_many, store.usage
+
+        async def counted_many(coach_ids: list[str]) -> Any:
+            batches.append(list(coach_ids))
+            return await usage_many(coach_ids)
+
+        async def counted(coach_id: str) -> Any:
+            singles.append(coach_id)
+            return await usage(coach_id)
+
+        monkeypatch.setattr(store, "usage_many", counted_many)
+        monkeypatch.setattr(store, "usage", counted)
+        streams = {
+            coach: [
+                await opened.enter_async_context(open_stream_at(url, coach, READER_KEY))
+                for _ in range(4)
+            ]
+            for coach in coaches
+        }
+        for stream in [s for per_coach in streams.values() for s in per_coach]:
+            await stream.next_usage()
+        assert len(singles) == 12  # one read before each stream answers, then none
+        batches.clear()
+        await eventually(lambda: len(batches) >= 5)
+        assert len(singles) == 12
+        assert all(sorted(batch) == sorted(coaches) for batch in batches), batches
+
+        # A change reaches every stream of its coach, and those of the others see none.
+        await store.reserve(coaches[1], "trend_analysis")
+        for stream in streams[coaches[1]]:
+            assert (await stream.next_usage())["held"] == 3
+        for stream in streams[coaches[0]]:
+            assert await stream.next() == (":", "keep-alive")

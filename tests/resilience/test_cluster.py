@@ -56,7 +56,9 @@ def cluster(redis_cluster: LocalCluster) -> Iterator[LocalCluster]:
 
 
 def cluster_settings(cluster: LocalCluster, **overrides: Any) -> Settings:
-    return Settings(redis_url=cluster.live_seed_url(), redis_cluster=True, **overrides)
+    return Settings(
+        redis_url=cluster.live_seed_url(), redis_cluster=True, allow_open=True, **overrides
+    )
 
 
 @pytest.fixture
@@ -412,6 +414,7 @@ async def test_primary_killed_under_load_fails_over_without_overcharging(
     settings = Settings(
         redis_url=f"redis://127.0.0.1:{victim}",
         redis_cluster=True,
+        allow_open=True,
         feature_costs={"x1": 1, "checkin_draft": 1, "trend_analysis": 3},
         # Small, so many coaches reach their ceiling while the primary dies.
         monthly_allowance=20,

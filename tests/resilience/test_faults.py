@@ -103,7 +103,7 @@ async def test_commit_after_aof_restart_charges_exactly_once(
     make_redis: Callable[..., RedisProcess], clock: FrozenClock
 ) -> None:
     server = make_redis(AOF)
-    client = connect(Settings(redis_url=server.url))
+    client = connect(Settings(redis_url=server.url, allow_open=True))
     store = new_store(client, clock)
     try:
         await store.ensure_scripts()
@@ -134,7 +134,7 @@ async def test_script_flush_under_load_is_invisible_to_callers(
     make_redis: Callable[..., RedisProcess], clock: FrozenClock
 ) -> None:
     server = make_redis()
-    client = connect(Settings(redis_url=server.url, redis_max_connections=16))
+    client = connect(Settings(redis_url=server.url, allow_open=True, redis_max_connections=16))
     flusher = Redis.from_url(server.url, decode_responses=True)
     store = new_store(client, clock)
     coaches = [f"coach-{i}" for i in range(6)]
@@ -192,7 +192,10 @@ async def test_client_pause_gives_fast_503s_and_the_service_recovers(
     server = make_redis()
     max_connections = 4
     settings = Settings(
-        redis_url=server.url, redis_timeout_seconds=0.3, redis_max_connections=max_connections
+        redis_url=server.url,
+        allow_open=True,
+        redis_timeout_seconds=0.3,
+        redis_max_connections=max_connections,
     )
     admin = Redis.from_url(server.url, decode_responses=True)
     burst = max_connections * 6
@@ -245,7 +248,9 @@ async def test_connections_killed_mid_request_give_503_or_success_and_heal(
     make_redis: Callable[..., RedisProcess], clock: FrozenClock
 ) -> None:
     server = make_redis()
-    settings = Settings(redis_url=server.url, redis_timeout_seconds=1.0, redis_max_connections=8)
+    settings = Settings(
+        redis_url=server.url, allow_open=True, redis_timeout_seconds=1.0, redis_max_connections=8
+    )
     killer = Redis.from_url(server.url, decode_responses=True)
     coaches: list[str] = []
     charged: dict[str, int] = {}
@@ -346,7 +351,7 @@ async def test_redis_back_empty_keeps_serving_and_reports_state_lost(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     server = make_redis()  # no persistence: a restart comes back empty
-    settings = Settings(redis_url=server.url)
+    settings = Settings(redis_url=server.url, allow_open=True)
     async with served(settings, clock) as (app, api):
         r = await api.post("/v1/coaches/amnesia/reservations", json={"feature": "trend_analysis"})
         assert r.status_code == 201
@@ -393,7 +398,7 @@ async def test_flushall_is_reported_by_the_readiness_check(
     server = make_redis()
     admin = Redis.from_url(server.url, decode_responses=True)
     try:
-        async with served(Settings(redis_url=server.url), clock) as (app, api):
+        async with served(Settings(redis_url=server.url, allow_open=True), clock) as (app, api):
             assert (await api.get("/readyz")).status_code == 200
             await admin.flushall()
             with caplog.at_level(logging.WARNING, logger="credits.store"):
@@ -409,7 +414,7 @@ async def test_script_flush_alone_reloads_scripts_without_claiming_data_loss(
     make_redis: Callable[..., RedisProcess], clock: FrozenClock
 ) -> None:
     server = make_redis()
-    client = connect(Settings(redis_url=server.url))
+    client = connect(Settings(redis_url=server.url, allow_open=True))
     store = new_store(client, clock)
     try:
         await store.ensure_scripts()

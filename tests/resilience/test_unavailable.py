@@ -35,7 +35,9 @@ COACH = "coach-away"
 @asynccontextmanager
 async def service(port: int) -> AsyncIterator[httpx.AsyncClient]:
     """The app as deployed, pointed at a Redis URL, its lifespan running."""
-    settings = Settings(redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_seconds=0.3)
+    settings = Settings(
+        redis_url=f"redis://127.0.0.1:{port}/0", allow_open=True, redis_timeout_seconds=0.3
+    )
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

@@ -230,7 +230,9 @@ class SeedRun:
 
     async def run(self) -> SeedResult:
         started = time.perf_counter()
-        settings = Settings(redis_url=self.server.url, redis_timeout_seconds=SOCKET_TIMEOUT)
+        settings = Settings(
+            redis_url=self.server.url, allow_open=True, redis_timeout_seconds=SOCKET_TIMEOUT
+        )
         self.redis = connect(settings)
         self.admin = Redis.from_url(self.server.url, decode_responses=True)
         self.store = self.store_factory(self.redis, self.clock)
