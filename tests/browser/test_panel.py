@@ -128,7 +128,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
                 sys.executable,
                 "-m",
                 "uvicorn",
-                "tests.test_panel:frozen_app",
+                "tests.browser.test_panel:frozen_app",
                 "--factory",
                 "--host",
                 "127.0.0.1",
