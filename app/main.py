@@ -10,12 +10,10 @@ from contextlib import asynccontextmanager
 from typing import Any, Final
 
 from fastapi import FastAPI
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.maint_notifications import MaintNotificationsConfig
 from starlette.types import ASGIApp
 
 from app.api import panel, problems
@@ -29,7 +27,7 @@ from app.config import Settings, load_settings
 from app.errors import BackendUnavailable
 from app.metrics import Metrics
 from app.store import AnyRedis, Clock, CreditStore, utc_now
-from app.store.shared_writes import PackedConnection
+from app.store.shared_writes import shared_write_client
 
 log = logging.getLogger("credits")
 
@@ -94,25 +92,11 @@ def connect(settings: Settings) -> AnyRedis:
         assert isinstance(cluster, WaitingRedisCluster)
         cluster.permits = asyncio.Semaphore(settings.redis_max_connections)
         return cluster
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        decode_responses=True,
-        # No per-read timeout: the store bounds each whole operation (pool wait, connect
-        # and replies together) with one deadline, which is cheaper than redis-py's timer
-        # around every reply (a batch reads one reply per item) and just as prompt.
-        socket_timeout=None,
-        socket_connect_timeout=timeout,
+    return shared_write_client(
+        url=settings.redis_url,
+        timeout_seconds=timeout,
         max_connections=settings.redis_max_connections,
-        timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        # With maintenance notifications on (the default under RESP3), the pool skips its
-        # check for a closed socket before lending a connection, so the first call after a
-        # Redis restart went out on a dead connection and was answered 503.
-        maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
-    if pool.connection_class is Connection:  # plain TCP (TLS and sockets keep theirs)
-        pool.connection_class = PackedConnection
-    return Redis(connection_pool=pool)
 
 
 #: Container allocations (less deallocations) between two young-generation collections.
@@ -194,6 +178,7 @@ def create_app(
         finally:
             await app.state.streams.aclose()
             await app.state.store.drain()
+            await app.state.store.aclose()
             if redis is None:
                 await client.aclose()
 

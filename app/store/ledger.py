@@ -170,6 +170,11 @@ class CreditStore:
         """Wait for this loop's script calls in flight; before closing the client."""
         await self.transport.drain()
 
+    async def aclose(self) -> None:
+        """Wait for the calls in flight and close what the store opened itself (a
+        cluster's per-node clients); the client it was given stays the caller's."""
+        await self.transport.aclose()
+
     async def _run(self, command: Command, operation: str) -> Reply:
         """One script call (``EVALSHA sha numkeys keys... args...``) and its reply;
         ``operation`` labels its latency."""

@@ -131,6 +131,51 @@ async def test_more_concurrent_calls_than_connections_wait_instead_of_failing(
         await redis.aclose()
 
 
+async def test_concurrent_calls_share_one_write_per_primary_and_get_their_own_replies(
+    client: RedisCluster, cluster: LocalCluster, clock: FrozenClock
+) -> None:
+    store = CreditStore(client, clock=clock)
+    await store.ensure_scripts()
+    await store.usage("warm")  # the cluster client learns the slot map
+    coaches = [f"share-{i}" for i in range(90)]
+    assert len(coaches_by_primary(cluster, coaches)) == 3
+    registry = store.metrics.registry
+    writes_before = registry.get_sample_value("credits_redis_commands_per_write_count") or 0
+    features = ["trend_analysis" if i % 3 else "checkin_draft" for i in range(90)]
+    made = await asyncio.gather(
+        *(store.reserve(c, f) for c, f in zip(coaches, features, strict=True))
+    )
+    for coach, feature, (reservation, created) in zip(coaches, features, made, strict=True):
+        assert created
+        assert reservation.reservation_id.coach_id == coach
+        assert reservation.feature == feature
+    writes = registry.get_sample_value("credits_redis_commands_per_write_count") - writes_before
+    assert writes == 3  # one per primary
+    committed = await asyncio.gather(*(store.commit(str(r.reservation_id)) for r, _ in made))
+    assert [r.status for r in committed] == [Status.COMMITTED] * 90
+
+
+async def test_a_call_sent_to_the_wrong_primary_is_redirected_and_runs_once(
+    client: RedisCluster, cluster: LocalCluster, clock: FrozenClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slot map gone stale (a slot migrated, a failover): the node answers MOVED, the
+    call never ran there, and the cluster client sends it where it belongs."""
+    store = CreditStore(client, clock=clock)
+    await store.ensure_scripts()
+    await store.usage("warm")
+    right = client.get_node_from_key(slot_tag("moved-coach"))
+    assert right is not None
+    wrong = next(n for n in client.get_primaries() if n.name != right.name)
+    monkeypatch.setattr(client, "get_node_from_key", lambda key, replica=False: wrong)
+    _, created = await store.reserve("moved-coach", "trend_analysis")
+    assert created
+    monkeypatch.undo()
+    usage = await store.usage("moved-coach")
+    assert (usage.used, usage.held) == (0, 3)  # held once, on the right node
+    with cluster.client(wrong.port) as c:
+        assert int(c.info("errorstats").get("errorstat_MOVED", {}).get("count", 0)) >= 1
+
+
 async def test_a_connection_torn_down_under_a_call_is_unavailable_not_a_crash(
     clock: FrozenClock,
 ) -> None:

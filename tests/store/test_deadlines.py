@@ -128,4 +128,4 @@ def test_a_store_serves_more_than_one_event_loop(store: CreditStore) -> None:
         assert asyncio.run(used()) == 0
     transport = store.transport
     assert isinstance(transport, SingleServerTransport)
-    assert len(transport._coalescers) == 1  # the closed loops' coalescers are dropped
+    assert len(transport.shared._by_loop) == 1  # the closed loops' coalescers are dropped
