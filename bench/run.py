@@ -38,6 +38,7 @@ from app.main import connect
 from app.store import CreditStore, ReserveItem, load_script_source, period_keys
 from bench.floor_app import MINIMAL_SCRIPT
 from bench.procs import VENV_BIN, CpuMeter, ensure_tool
+from tests.support.cluster import LocalCluster
 from tests.support.redis import RedisProcess, free_port
 from tests.support.service import Uvicorn
 
@@ -50,7 +51,7 @@ ALLOWANCE: Final = 50
 
 # Databases of the one private Redis: the service's data (checked at the end), scratch
 # for raw Redis and peer runs, the floor's keys, and the scaling runs.
-DB_SERVICE, DB_SCRATCH, DB_FLOOR, DB_SCALE = 0, 1, 2, 3
+DB_SERVICE, DB_SCRATCH, DB_FLOOR, DB_SCALE, DB_CLUSTER_PEER = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -637,6 +638,59 @@ async def bench_http(report: Report, redis: RedisProcess, load: Load) -> None:
     )
 
 
+async def bench_cluster(report: Report, redis: RedisProcess, load: Load) -> None:
+    """HTTP reserve with one worker on one Redis and on a local cluster of three primaries,
+    in interleaved rounds (median of 3); three primaries with a replica each beside it.
+    On two cores the replicas only compete for CPU (in production they run elsewhere),
+    so that row has no target."""
+    secs = load.wrk_seconds
+    rounds = 1 if report.quick else 3
+
+    def env(url: str, cluster: bool) -> dict[str, str]:
+        return {
+            "CREDITS_REDIS_URL": url,
+            "CREDITS_REDIS_CLUSTER": "true" if cluster else "false",
+            "CREDITS_API_KEYS": json.dumps({API_KEY: ["worker"]}),
+        }
+
+    def service(url: str, cluster: bool) -> Uvicorn:
+        port = free_port()
+        return Uvicorn(production_argv(port, 1), env(url, cluster), port)
+
+    def median_reserve(servers: dict[str, Uvicorn]) -> dict[str, WrkResult]:
+        results: dict[str, list[WrkResult]] = {name: [] for name in servers}
+        for srv in servers.values():
+            wrk(srv.base, "reserve", 1, key=API_KEY)  # warm-up
+        for _ in range(rounds):
+            for name, srv in servers.items():
+                results[name].append(wrk(srv.base, "reserve", secs, key=API_KEY))
+        return {n: sorted(rs, key=lambda r: r.rps)[len(rs) // 2] for n, rs in results.items()}
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    with (
+        LocalCluster(workdir / "three", replicas=0) as three,
+        service(redis.db_url(DB_CLUSTER_PEER), False) as single,
+        service(three.live_seed_url(), True) as clustered,
+    ):
+        got = median_reserve({"single": single, "three": clustered})
+    with (
+        LocalCluster(workdir / "six", replicas=1) as six,
+        service(six.live_seed_url(), True) as srv,
+    ):
+        got |= median_reserve({"six": srv})
+    note = f"median of {rounds} interleaved round(s)"
+    wrk_row(report, "cluster", f"HTTP reserve, 1 worker, one Redis ({note})", got["single"])
+    wrk_row(report, "cluster", "HTTP reserve, 1 worker, cluster of 3 primaries", got["three"])
+    wrk_row(
+        report, "cluster", "HTTP reserve, 1 worker, cluster of 3 primaries + 3 replicas", got["six"]
+    )
+    report.target(
+        "HTTP reserve on a cluster of 3 primaries vs one Redis",
+        got["three"].rps / got["single"].rps,
+        0.85,
+    )
+
+
 async def bench_batches(report: Report, redis: RedisProcess, load: Load, base: str) -> None:
     secs, per = load.wrk_seconds, load.batch_items
     r = wrk(base, "batch_reserve", secs, key=API_KEY, per_batch=per)
@@ -861,6 +915,7 @@ async def run(load: Load, quick: bool) -> Report:
         await bench_limit(report, redis, load)
         await bench_python(report, redis, load)
         await bench_http(report, redis, load)
+        await bench_cluster(report, redis, load)
         await bench_scaling(report, redis, load)
         await bench_memory(report, redis)
         await check_correctness(report, redis)

@@ -13,7 +13,7 @@ import redis
 
 from tests.support.redis import RedisProcess, free_port, redis_binary
 
-NODE_COUNT = 6
+PRIMARIES = 3
 SLOTS = 16384
 #: Short, so a killed primary is failed over in a couple of seconds; long enough that a
 #: busy two-core machine does not see false failures.
@@ -82,15 +82,18 @@ class LocalCluster:
     """Six redis-server processes joined into one cluster with ``redis-cli --cluster
     create``. Every node uses an explicit bus port, so any free port works."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, replicas: int = 1) -> None:
         self.workdir = workdir
+        #: Replicas per primary (three primaries).
+        self.replicas = replicas
+        self.node_count = PRIMARIES * (1 + replicas)
         self.procs: dict[int, RedisProcess] = {}
 
     # --- lifecycle -----------------------------------------------------------------
 
     def start(self, timeout: float = 30.0) -> LocalCluster:
         try:
-            for _ in range(NODE_COUNT):
+            for _ in range(self.node_count):
                 port = free_port()
                 proc = RedisProcess(
                     self.workdir,
@@ -119,7 +122,7 @@ class LocalCluster:
                     "create",
                     *(f"127.0.0.1:{p}" for p in self.procs),
                     "--cluster-replicas",
-                    "1",
+                    str(self.replicas),
                     "--cluster-yes",
                 ],
                 check=True,
@@ -135,6 +138,12 @@ class LocalCluster:
     def stop(self) -> None:
         for proc in self.procs.values():
             proc.stop(kill=True)
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def kill(self, port: int) -> None:
         """kill -9: no chance to hand anything over."""
@@ -203,15 +212,15 @@ class LocalCluster:
             return False
         if not self.state_ok():
             return False
-        # Every node must see the same six nodes, none failed, three primaries that
+        # Every node must see all the nodes, none failed, three primaries that
         # together own every slot, and every replica in sync with its primary, so a
         # failover in a later test has a replica ready to take over.
         for port in self.ports:
             view = self.nodes(via=port)
-            if len(view) != NODE_COUNT or any(n.failed for n in view):
+            if len(view) != self.node_count or any(n.failed for n in view):
                 return False
             primaries = [n for n in view if n.is_primary]
-            if len(primaries) != NODE_COUNT // 2:
+            if len(primaries) != PRIMARIES:
                 return False
             if sum(hi - lo + 1 for n in primaries for lo, hi in n.slots) != SLOTS:
                 return False
@@ -220,7 +229,7 @@ class LocalCluster:
                 repl = c.info("replication")
             if repl["role"] == "slave" and repl.get("master_link_status") != "up":
                 return False
-            if repl["role"] == "master" and int(repl.get("connected_slaves", 0)) != 1:
+            if repl["role"] == "master" and int(repl.get("connected_slaves", 0)) != self.replicas:
                 return False
         return True
 
