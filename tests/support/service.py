@@ -99,7 +99,14 @@ class ServiceProcess(Uvicorn):
     """``uvicorn app.main:app`` on a free loopback port with bearer keys for each scope,
     ready once ``/readyz`` says so."""
 
-    def __init__(self, workdir: Path, redis: RedisProcess, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        redis: RedisProcess,
+        env: dict[str, str] | None = None,
+        *,
+        workers: int = 1,
+    ):
         port = free_port()
         super().__init__(
             [
@@ -111,6 +118,8 @@ class ServiceProcess(Uvicorn):
                 "127.0.0.1",
                 "--port",
                 str(port),
+                "--workers",
+                str(workers),
                 "--no-access-log",
             ],
             {
