@@ -181,7 +181,9 @@ async def test_redis_restarts_empty_batch_first(tmp_path: Path) -> None:
 
 
 async def test_paused_redis_is_503_not_a_hang(tmp_path: Path) -> None:
-    pause_ms = 1500
+    # Four calls of at most 0.3 s each must all meet the pause: a long one, so a loaded
+    # machine cannot see it end between them.
+    pause_ms = 5000
     with RedisProcess(tmp_path) as server:
         async with service(server.port) as client:
             await assert_serving(client)
@@ -209,7 +211,7 @@ async def test_paused_redis_is_503_not_a_hang(tmp_path: Path) -> None:
 async def test_reserve_retried_after_503_never_holds_twice(tmp_path: Path) -> None:
     """A reserve that timed out may still run once Redis wakes up; the caller's retry with
     the same Idempotency-Key then finds that hold instead of making a second one."""
-    pause_ms = 1500
+    pause_ms = 4000
     with RedisProcess(tmp_path) as server:
         async with service(server.port) as client:
             await assert_serving(client)  # used 3 from here on
