@@ -34,6 +34,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from app import domain
 from app.config import Settings
 from app.domain import Period
+from app.errors import CreditsExhausted
 from app.main import connect
 from app.store import CreditStore, ReserveItem, load_script_source, period_keys
 from bench.floor_app import MINIMAL_SCRIPT
@@ -877,20 +878,48 @@ async def bench_memory(report: Report, redis: RedisProcess) -> None:
 # --- correctness ---------------------------------------------------------------------------
 
 
+#: Coaches the correctness check drives past their allowance with racing reserves.
+EXHAUSTED_COACHES = 100
+
+
+async def exhaust_coaches(redis: RedisProcess) -> None:
+    """Racing reserves (more than the allowance) on a set of coaches, then commits: the
+    correctness check then covers coaches that really reached their allowance."""
+    client = connect(Settings(redis_url=redis.db_url(DB_SERVICE), allow_open=True))
+    store = CreditStore(client, allowance=ALLOWANCE)
+    features = ["checkin_draft", "trend_analysis"]
+
+    async def one(coach: str, i: int) -> str | None:
+        try:
+            reservation, _ = await store.reserve(coach, features[i % 2])
+        except CreditsExhausted:
+            return None
+        return str(reservation.reservation_id)
+
+    for n in range(EXHAUSTED_COACHES):
+        coach = f"exhaust-{n}"
+        ids = await asyncio.gather(*(one(coach, i) for i in range(2 * ALLOWANCE)))
+        await asyncio.gather(*(store.commit(rid) for rid in ids if rid is not None))
+    await store.aclose()
+    await client.aclose()
+
+
 async def check_correctness(report: Report, redis: RedisProcess) -> None:
+    await exhaust_coaches(redis)
     client = Redis.from_url(redis.db_url(DB_SERVICE), decode_responses=True)
-    checked = over = 0
+    checked = over = full = 0
     batch: list[str] = []
 
     async def flush() -> None:
-        nonlocal checked, over
+        nonlocal checked, over, full
         async with client.pipeline(transaction=False) as pipe:
             for name in batch:
                 pipe.hmget(name, "used", "held")
             for used, held in await pipe.execute():
                 checked += 1
-                if int(used or 0) + int(held or 0) > ALLOWANCE:
-                    over += 1
+                spent = int(used or 0) + int(held or 0)
+                over += spent > ALLOWANCE
+                full += spent == ALLOWANCE
         batch.clear()
 
     async for name in client.scan_iter(match="credits:{*}:*:account", count=1000):
@@ -901,7 +930,8 @@ async def check_correctness(report: Report, redis: RedisProcess) -> None:
     await client.aclose()
     report.add("check", "coach-months checked after all loads", checked, "coaches")
     report.add("check", "coach-months above their allowance (used + held)", over, "coaches")
-    report.correct = checked > 0 and over == 0
+    report.add("check", "coach-months that reached their allowance", full, "coaches")
+    report.correct = checked > 0 and over == 0 and full >= EXHAUSTED_COACHES
 
 
 # --- main -----------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ EXPECTED_ROWS = [
     ("memory", "an idle coach"),
     ("check", "coach-months checked"),
     ("check", "coach-months above their allowance"),
+    ("check", "coach-months that reached their allowance"),
 ]
 
 EXPECTED_TARGETS = [
@@ -123,6 +124,7 @@ def test_quick_run_ends_correct(quick_run: tuple[dict[str, Any], str]) -> None:
     result, markdown = quick_run
     values = {r["name"]: r["value"] for r in result["rows"]}
     assert values["coach-months checked after all loads"] > 0
+    assert values["coach-months that reached their allowance"] >= 100
     assert values["coach-months above their allowance (used + held)"] == 0
     assert values["an idle coach (usage read, nothing else)"] == 0
     assert values["lapsed holds left after that run"] == 0
