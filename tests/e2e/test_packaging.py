@@ -18,8 +18,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from tests.support.redis import free_port
 from tests.support.dockerfile import inside, replay_copies, stages
+from tests.support.redis import free_port
 from tests.support.uv_tool import ROOT, checkout_scripts, installed_app, offline_env, run, uv_binary
 
 #: Seconds the installed service gets to answer /readyz.
