@@ -28,6 +28,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
+import httpx
 import uvloop
 from redis.asyncio import BlockingConnectionPool, Redis
 
@@ -692,6 +693,96 @@ async def bench_cluster(report: Report, redis: RedisProcess, load: Load) -> None
     )
 
 
+#: Open usage streams in the stream rows; the service's default cap.
+STREAMS = 1000
+
+
+async def bench_streams(report: Report, redis: RedisProcess, load: Load) -> None:
+    """Idle usage streams on one worker: Redis round trips and script calls per second
+    with 1,000 streams over 1,000 coaches, and with 1,000 on one coach. Read one by one,
+    each stream would cost one round trip per poll interval (1 s)."""
+    seconds = 2.0 if report.quick else 6.0
+    port = free_port()
+    env = {**service_env(redis), "CREDITS_STREAMS_MAX": str(STREAMS)}
+    admin = Redis.from_url(redis.db_url(DB_SERVICE), decode_responses=True)
+
+    async def evalsha_calls() -> int:
+        stats = await admin.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+    def writes(metrics: str) -> float:
+        match = re.search(r"^credits_redis_commands_per_write_count (\S+)$", metrics, re.M)
+        return float(match[1]) if match else 0.0
+
+    async def idle(srv: Uvicorn, coaches: list[str]) -> tuple[float, float]:
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        limits = httpx.Limits(max_connections=STREAMS + 10, max_keepalive_connections=0)
+        async with httpx.AsyncClient(
+            base_url=srv.base, headers=headers, limits=limits, timeout=30
+        ) as http:
+            opened = asyncio.Event()
+            ready = 0
+
+            async def stream(coach: str) -> None:
+                nonlocal ready
+                path = f"/v1/coaches/{coach}/usage/stream"
+                async with http.stream("GET", path) as resp:
+                    assert resp.status_code == 200, resp.status_code
+                    async for line in resp.aiter_lines():
+                        if line.startswith("data:"):
+                            ready += 1
+                            if ready == len(coaches):
+                                opened.set()
+                            await asyncio.sleep(3600)  # held open, idle
+
+            tasks = [asyncio.create_task(stream(c)) for c in coaches]
+            await asyncio.wait_for(opened.wait(), 120)
+            await asyncio.sleep(1.5)  # past the first polls
+            calls0, writes0 = await evalsha_calls(), writes((await http.get("/metrics")).text)
+            started = time.monotonic()
+            await asyncio.sleep(seconds)
+            calls1, writes1 = await evalsha_calls(), writes((await http.get("/metrics")).text)
+            span = time.monotonic() - started
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return (writes1 - writes0) / span, (calls1 - calls0) / span
+
+    with Uvicorn(production_argv(port, 1), env, port) as srv:
+        spread_trips, spread_calls = await idle(srv, [f"stream-{i}" for i in range(STREAMS)])
+        one_trips, one_calls = await idle(srv, ["stream-one"] * STREAMS)
+    await admin.aclose()
+    each = f"{STREAMS:,} idle streams on one worker"
+    report.add(
+        "streams",
+        f"Redis round trips/s, {each} over {STREAMS:,} coaches",
+        spread_trips,
+        "/s",
+        f"one by one: {STREAMS:,}/s",
+    )
+    report.add(
+        "streams",
+        f"script calls/s, {each} over {STREAMS:,} coaches",
+        spread_calls,
+        "/s",
+        "one read per coach per poll",
+    )
+    report.add(
+        "streams",
+        f"script calls/s, {each} on one coach",
+        one_calls,
+        "/s",
+        f"round trips {one_trips:.1f}/s",
+    )
+    report.target(
+        "stream round trips/s vs one read per stream (1,000 coaches)",
+        spread_trips / STREAMS,
+        1 / 20,
+        False,
+    )
+    report.target("script calls per poll, 1,000 streams on one coach", one_calls, 1.5, False)
+
+
 async def bench_batches(report: Report, redis: RedisProcess, load: Load, base: str) -> None:
     secs, per = load.wrk_seconds, load.batch_items
     r = wrk(base, "batch_reserve", secs, key=API_KEY, per_batch=per)
@@ -946,6 +1037,7 @@ async def run(load: Load, quick: bool) -> Report:
         await bench_python(report, redis, load)
         await bench_http(report, redis, load)
         await bench_cluster(report, redis, load)
+        await bench_streams(report, redis, load)
         await bench_scaling(report, redis, load)
         await bench_memory(report, redis)
         await check_correctness(report, redis)
