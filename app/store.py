@@ -735,6 +735,9 @@ class CreditStore:
         )
         return CreditsExhausted(
             detail,
+            title=domain.exhausted_title(
+                cost=cost, allowance=self.allowance, used=reply.used, hold_wait_seconds=hold_wait
+            ),
             feature=feature,
             cost=cost,
             remaining=domain.remaining(self.allowance, reply.used, reply.held),
