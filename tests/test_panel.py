@@ -11,38 +11,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 import pytest
 from axe_playwright_python.sync_playwright import Axe
 from fastapi import FastAPI
-from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Route, expect
 
 from app.main import create_app
-from tests.redis_procs import RedisProcess, free_port
+from tests.browser import ARTIFACTS, chromium, uvicorn_service
+from tests.redis_procs import RedisProcess
 from tests.wording_doc import sentences
-
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 NOW = datetime(2099, 11, 14, 12, 0, 0, tzinfo=UTC)
 NOW_ENV = "PANEL_TEST_NOW"
@@ -106,77 +89,30 @@ class Service:
         assert self.usage(coach_id)["used"] == credits
 
 
-def _wait_ready(base_url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the service exited: {log.read_text()}")
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"the service did not become ready: {log.read_text()}")
-
-
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     workdir = tmp_path_factory.mktemp("panel")
     redis = RedisProcess(workdir).start()
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITS_")}
-    env |= {
+    env = {
         "CREDITS_REDIS_URL": redis.url,
         "CREDITS_API_KEYS": json.dumps({PANEL_KEY: ["worker", "reader"], WORKER_KEY: ["worker"]}),
         # Live updates within a fifth of a second, so the tests wait little for them.
         "CREDITS_STREAM_POLL_SECONDS": "0.2",
         NOW_ENV: NOW.isoformat(),
     }
-    log = workdir / "uvicorn.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "tests.test_panel:frozen_app",
-                "--factory",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-access-log",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
     try:
-        _wait_ready(base_url, proc, log)
-        headers = {"Authorization": f"Bearer {PANEL_KEY}"}
-        with httpx.Client(base_url=base_url, headers=headers, timeout=10) as client:
-            yield Service(base_url, client)
+        with uvicorn_service(workdir, "tests.test_panel:frozen_app", env, factory=True) as url:
+            headers = {"Authorization": f"Bearer {PANEL_KEY}"}
+            with httpx.Client(base_url=url, headers=headers, timeout=10) as client:
+                yield Service(url, client)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
         redis.stop()
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing; run scripts/ensure-chromium (.ci/run does)")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 @dataclass
