@@ -433,7 +433,11 @@ async def readyz(request: Request, store: StoreDep) -> JSONResponse:
             "content": {
                 "text/plain": {
                     "schema": {"type": "string"},
-                    "example": "# HELP credits_reservations_total Reservations by outcome\n",
+                    "example": (
+                        "# HELP credits_reservations_total Reservation outcomes by feature: "
+                        "held, committed, refunded, expired, exhausted.\n"
+                        "# TYPE credits_reservations_total counter\n"
+                    ),
                 }
             },
         }
