@@ -13,7 +13,8 @@ class CreditsError(Exception):
     """Base of every outcome the service reports to a caller as a problem."""
 
     code: ClassVar[str] = "error"
-    title: ClassVar[str] = "Error"
+    #: The problem's title; a class may word it per instance (``CreditsExhausted``).
+    title: str = "Error"
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -111,13 +112,16 @@ class ReservationCommitted(ReservationConflict):
 
 
 class CreditsExhausted(CreditsError):
+    """A reserve that does not fit. The code is the same whatever the reason; the title
+    says which (``domain.exhausted_title``: "exhausted" only when all is used)."""
+
     code = "credits_exhausted"
-    title = "AI credits exhausted"
 
     def __init__(
         self,
         detail: str,
         *,
+        title: str,
         feature: str,
         cost: int,
         remaining: int,
@@ -125,6 +129,7 @@ class CreditsExhausted(CreditsError):
         retry_after: int,
     ) -> None:
         super().__init__(detail)
+        self.title = title
         self.feature = feature
         self.cost = cost
         self.remaining = remaining

@@ -16,7 +16,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from starlette.types import ASGIApp
 
-from app.api import panel, problems
+from app.api import openapi, panel, problems
 from app.api.deps import KeyRing
 from app.api.events import router as events_router
 from app.api.hot import with_front
@@ -187,6 +187,10 @@ def create_app(
         version="1.0.0",
         summary="Monthly AI credits for coaches: reserve, commit on success, refund on failure.",
         lifespan=lifespan,
+        # Served by app.api.openapi from assets shipped in a package: no CDN.
+        docs_url=None,
+        redoc_url=None,
+        generate_unique_id_function=lambda route: route.name,
     )
     app.state.settings = settings
     app.state.fast_path_warning = None
@@ -196,6 +200,7 @@ def create_app(
     app.include_router(router)
     app.include_router(events_router)
     panel.install(app)
+    openapi.install(app)
     app.add_middleware(BodySizeLimit)
     return app
 

@@ -25,14 +25,14 @@ from typing import Annotated, Final, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
 from app import domain
 from app.api import paths  # noqa: F401  (registers the {coach_id:coach_id} path type)
 from app.api.deps import AnyScope, Reader, StoreDep
-from app.api.problems import PROBLEM_JSON
-from app.api.schemas import ProblemOut
+from app.api.openapi import problems
+from app.api.schemas import EXAMPLE_RESERVATION_ID
 from app.api.streams import UsageStreams, Watch, usage_text
 from app.domain import Period
 from app.errors import InvalidRequest
@@ -49,21 +49,48 @@ RECONNECT_MS: Final = 2000
 
 
 class EventOut(BaseModel):
-    seq: int
-    at: str
+    seq: Annotated[int, Field(ge=1)]
+    at: Annotated[str, Field(json_schema_extra={"format": "date-time"})]
     kind: EventKind
     reservation_id: str
     feature: str
-    cost: int
+    cost: Annotated[int, Field(ge=1)]
 
 
 class EventsOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "events": [
+                        {
+                            "seq": 42,
+                            "at": "2026-11-14T12:00:41Z",
+                            "kind": "committed",
+                            "reservation_id": EXAMPLE_RESERVATION_ID,
+                            "feature": "trend_analysis",
+                            "cost": 3,
+                        },
+                        {
+                            "seq": 41,
+                            "at": "2026-11-14T12:00:02Z",
+                            "kind": "held",
+                            "reservation_id": EXAMPLE_RESERVATION_ID,
+                            "feature": "trend_analysis",
+                            "cost": 3,
+                        },
+                    ],
+                    # Null on the last page.
+                    "next_before": 41,
+                }
+            ]
+        }
+    )
+
     events: list[EventOut]
-    next_before: int | None
-
-
-def _problems(*statuses: int) -> dict[int | str, dict[str, object]]:
-    return {s: {"model": ProblemOut, "content": {PROBLEM_JSON: {}}} for s in statuses}
+    next_before: int | None = Field(
+        description="Pass as before for the next page; null at the end."
+    )
 
 
 def events_json(page: EventPage) -> dict[str, object]:
@@ -86,7 +113,7 @@ def events_json(page: EventPage) -> dict[str, object]:
 @router.get(
     "/v1/coaches/{coach_id:coach_id}/events",
     response_model=EventsOut,
-    responses=_problems(401, 403, 422, 503),
+    responses=problems("invalid_coach_id", "invalid_request", "not_found", "backend_unavailable"),
     tags=["usage"],
     summary="The coach's event log for one month, newest first",
     description=(
@@ -172,13 +199,39 @@ async def _feed(watch: Watch, heartbeat: float) -> AsyncIterator[str]:
     response_class=StreamingResponse,
     responses={
         200: {
-            "content": {"text/event-stream": {}},
+            "content": {
+                "text/event-stream": {
+                    # One event, as OpenAPI 3.1 describes a stream's items.
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "event": {"const": "usage"},
+                            "data": {
+                                "type": "string",
+                                "contentMediaType": "application/json",
+                                "contentSchema": {"$ref": "#/components/schemas/UsageOut"},
+                            },
+                            "retry": {"type": "integer", "minimum": 0},
+                        },
+                        "required": ["event", "data"],
+                    },
+                    "example": {
+                        "event": "usage",
+                        "retry": RECONNECT_MS,
+                        "data": (
+                            '{"coach_id":"coach-42","period":"2026-11","allowance":50,'
+                            '"used":13,"held":3,"remaining":34,"percent_used":26,'
+                            '"level":"green","resets_at":"2026-12-01T00:00:00Z","features":[]}'
+                        ),
+                    },
+                }
+            },
             "description": (
                 "`event: usage` with the usage object (as GET usage) as `data`: one at "
                 "once, then one whenever it changes; `: keep-alive` comments in between."
             ),
         },
-        **_problems(401, 403, 422, 429, 503),
+        **problems("invalid_coach_id", "not_found", "too_many_streams", "backend_unavailable"),
     },
     tags=["usage"],
     summary="Live usage as Server-Sent Events",

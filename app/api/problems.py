@@ -83,15 +83,20 @@ def _body(
     return body
 
 
+def response_body(exc: CreditsError) -> dict[str, object]:
+    """The problem object for one outcome, as a single route answers it."""
+    return _body(
+        status=status_for(exc), code=exc.code, title=exc.title, detail=exc.detail, extra=exc.extra()
+    )
+
+
 def problem_body(exc: CreditsError) -> dict[str, object]:
     """The problem object for one outcome, as a batch item carries it (no headers there,
     so what a header would say is in the body: ``retry_after`` for exhausted credits)."""
-    extra = exc.extra()
+    body = response_body(exc)
     if isinstance(exc, CreditsExhausted):
-        extra["retry_after"] = exc.retry_after
-    return _body(
-        status=status_for(exc), code=exc.code, title=exc.title, detail=exc.detail, extra=extra
-    )
+        body["retry_after"] = exc.retry_after
+    return body
 
 
 def error_response(exc: CreditsError, *, retry_after_unavailable: int = 1) -> Response:

@@ -3,7 +3,7 @@ are raised as ``app.errors`` exceptions and turned into problems by ``problems``
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final
+from typing import Annotated, Final
 
 from fastapi import APIRouter, Body, Header, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -14,6 +14,7 @@ from app import domain
 from app.api import paths  # noqa: F401  (registers the {coach_id:coach_id} path type)
 from app.api.answers import Answer, FastJSONResponse, json_answer
 from app.api.deps import AnyScope, MetricsDep, Principal, Reader, StoreDep, Worker, store_of
+from app.api.openapi import QUOTA_HEADERS, problems
 from app.api.problems import problem_body
 from app.api.schemas import (
     BatchReserveOut,
@@ -21,7 +22,6 @@ from app.api.schemas import (
     BatchUsageOut,
     BatchUsageRequest,
     FeaturesOut,
-    ProblemOut,
     ReadyOut,
     ReservationOut,
     ReserveRequest,
@@ -50,18 +50,26 @@ COMMIT_PATH: Final = "/v1/reservations/{reservation_id}/commit"
 # object, for these routes and for the front in ``app.api.hot``.
 
 
-def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {s: {"model": ProblemOut, "content": {"application/problem+json": {}}} for s in statuses}
-
-
-_AUTH = (401, 403, 413, 503)
+#: A new hold's id leads to the routes that read and settle it.
+_RESERVATION_LINKS: Final = {
+    name: {
+        "operationId": operation,
+        "parameters": {"reservation_id": "$response.body#/reservation_id"},
+        "description": description,
+    }
+    for name, operation, description in (
+        ("GetReservation", "get_reservation", "Read the reservation."),
+        ("Commit", "commit", "Charge it: the AI action succeeded."),
+        ("Refund", "refund", "Return its credits: the AI action failed."),
+    )
+}
 
 
 @router.get(
     "/v1/features",
     response_model=FeaturesOut,
-    responses=_problems(*_AUTH),
     tags=["credits"],
+    summary="The AI features and what each costs",
 )
 async def list_features(request: Request, _: AnyScope) -> JSONResponse:
     store = store_of(request)
@@ -105,10 +113,36 @@ async def commit_answer(store: CreditStore, reservation_id: str) -> Answer:
     status_code=201,
     response_model=ReservationOut,
     responses={
-        200: {"model": ReservationOut, "description": "Idempotent replay"},
-        **_problems(422, 429, *_AUTH),
+        201: {
+            "description": "Held now: the cost counts against what is left until settled.",
+            "headers": QUOTA_HEADERS,
+            "links": _RESERVATION_LINKS,
+        },
+        200: {
+            "model": ReservationOut,
+            "description": "A replayed Idempotency-Key: the same reservation, as it is now.",
+            "headers": QUOTA_HEADERS,
+            "links": _RESERVATION_LINKS,
+        },
+        **problems(
+            "invalid_coach_id",
+            "unknown_feature",
+            "invalid_request",
+            "idempotency_key_reused",
+            "credits_exhausted",
+            "backend_unavailable",
+            headers={429: QUOTA_HEADERS},
+        ),
     },
     tags=["reservations"],
+    summary="Hold a feature's cost before running the AI action",
+    description=(
+        "Holds the cost until the hold is committed, refunded or lapses (ttl_seconds). "
+        "A 429 says calmly what is missing and when credits come back; Retry-After is the "
+        "seconds until the reset, or until the first hold lapses when only holds in "
+        "progress are in the way. The quota headers (RateLimit, RateLimit-Policy) are "
+        "about the current month; their unit is credits."
+    ),
 )
 async def reserve(
     coach_id: str,
@@ -130,10 +164,12 @@ async def reserve(
 
 
 @router.get(
-    "/v1/reservations/{reservation_id}",
+    # Not batch or settle: those paths are the POST-only batch routes.
+    "/v1/reservations/{reservation_id:reservation_id}",
     response_model=ReservationOut,
-    responses=_problems(404, 422, *_AUTH),
+    responses=problems("reservation_not_found", "not_found", "backend_unavailable"),
     tags=["reservations"],
+    summary="A reservation as it is now",
 )
 async def get_reservation(reservation_id: str, request: Request, _: Worker) -> Response:
     reservation = await store_of(request).get_reservation(reservation_id)
@@ -143,8 +179,19 @@ async def get_reservation(reservation_id: str, request: Request, _: Worker) -> R
 @router.post(
     COMMIT_PATH,
     response_model=ReservationOut,
-    responses=_problems(404, 409, 422, *_AUTH),
+    responses=problems(
+        "reservation_not_found",
+        "not_found",
+        "reservation_refunded",
+        "reservation_expired",
+        "backend_unavailable",
+    ),
     tags=["reservations"],
+    summary="Charge a hold: the AI action succeeded",
+    description=(
+        "Commits the hold and answers with a `note` on what it cost and what is left. "
+        "Repeating it returns the same outcome."
+    ),
 )
 async def commit(reservation_id: str, request: Request, _: Worker) -> Response:
     return (await commit_answer(store_of(request), reservation_id)).response()
@@ -153,8 +200,15 @@ async def commit(reservation_id: str, request: Request, _: Worker) -> Response:
 @router.post(
     "/v1/reservations/{reservation_id}/refund",
     response_model=ReservationOut,
-    responses=_problems(404, 409, 422, *_AUTH),
+    responses=problems(
+        "reservation_not_found", "not_found", "reservation_committed", "backend_unavailable"
+    ),
     tags=["reservations"],
+    summary="Return a hold's credits: the AI action failed",
+    description=(
+        "Refunds the hold; a hold that already lapsed answers with status expired, its "
+        "credits already back. Repeating it returns the same outcome."
+    ),
 )
 async def refund(reservation_id: str, request: Request, _: Worker) -> Response:
     return FastJSONResponse(reservation_json(await store_of(request).refund(reservation_id)))
@@ -163,7 +217,7 @@ async def refund(reservation_id: str, request: Request, _: Worker) -> Response:
 @router.post(
     "/v1/reservations/batch",
     response_model=BatchReserveOut,
-    responses=_problems(422, *_AUTH),
+    responses=problems("invalid_request", "backend_unavailable"),
     tags=["reservations"],
     summary="Reserve for many items in one round trip",
     description=(
@@ -196,7 +250,7 @@ async def reserve_batch(
 @router.post(
     "/v1/reservations/settle",
     response_model=SettleOut,
-    responses=_problems(422, *_AUTH),
+    responses=problems("invalid_request", "backend_unavailable"),
     tags=["reservations"],
     summary="Commit or refund many reservations in one round trip",
     description=(
@@ -229,8 +283,13 @@ def _item_problem(exc: CreditsError) -> dict[str, object]:
 @router.get(
     "/v1/coaches/{coach_id:coach_id}/usage",
     response_model=UsageOut,
-    responses=_problems(422, *_AUTH),
+    responses={
+        200: {"description": "The coach's usage this month.", "headers": QUOTA_HEADERS},
+        **problems("invalid_coach_id", "not_found", "backend_unavailable"),
+    },
     tags=["usage"],
+    summary="A coach's credits this month",
+    description="A coach never seen before reads as untouched. Reading creates nothing.",
 )
 async def get_usage(coach_id: str, request: Request, _: AnyScope) -> JSONResponse:
     return FastJSONResponse(usage_json(await store_of(request).usage(coach_id)))
@@ -239,8 +298,9 @@ async def get_usage(coach_id: str, request: Request, _: AnyScope) -> JSONRespons
 @router.post(
     "/v1/usage/batch",
     response_model=BatchUsageOut,
-    responses=_problems(422, *_AUTH),
+    responses=problems("invalid_coach_id", "invalid_request", "backend_unavailable"),
     tags=["usage"],
+    summary="Many coaches' usage in one round trip, in request order",
 )
 async def batch_usage(
     body: Annotated[BatchUsageRequest, Body()], request: Request, _: Reader
@@ -249,7 +309,26 @@ async def batch_usage(
     return FastJSONResponse({"items": [usage_json(u) for u in items]})
 
 
-@router.get("/healthz", tags=["operations"])
+@router.get(
+    "/healthz",
+    tags=["operations"],
+    summary="The process is up",
+    responses={
+        200: {
+            "description": "Always, while the process serves.",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"status": {"const": "ok"}},
+                        "required": ["status"],
+                    },
+                    "example": {"status": "ok"},
+                }
+            },
+        }
+    },
+)
 async def healthz() -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
@@ -257,8 +336,9 @@ async def healthz() -> JSONResponse:
 @router.get(
     "/readyz",
     response_model=ReadyOut,
-    responses=_problems(503),
+    responses=problems("backend_unavailable"),
     tags=["operations"],
+    summary="Redis answers and the scripts are loaded",
 )
 async def readyz(request: Request, store: StoreDep) -> JSONResponse:
     """Ready while Redis answers. What every instance shares (open mode, Redis refusing
@@ -291,7 +371,27 @@ async def readyz(request: Request, store: StoreDep) -> JSONResponse:
     )
 
 
-@router.get("/metrics", response_class=PlainTextResponse, tags=["operations"])
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    tags=["operations"],
+    summary="Prometheus metrics",
+    responses={
+        200: {
+            "description": "The Prometheus text format.",
+            "content": {
+                "text/plain": {
+                    "schema": {"type": "string"},
+                    "example": (
+                        "# HELP credits_reservations_total Reservation outcomes by feature: "
+                        "held, committed, refunded, expired, exhausted.\n"
+                        "# TYPE credits_reservations_total counter\n"
+                    ),
+                }
+            },
+        }
+    },
+)
 async def metrics_endpoint(metrics: MetricsDep) -> PlainTextResponse:
     return PlainTextResponse(
         generate_latest(metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST

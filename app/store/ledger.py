@@ -246,7 +246,7 @@ class CreditStore:
         return Usage(coach_id, period, self.allowance, used, held, features)
 
     def _reservation(self, rid: ReservationId, reply: Reply) -> Reservation:
-        return Reservation(
+        reservation = Reservation(
             rid,
             reply.feature,
             reply.cost,
@@ -254,6 +254,9 @@ class CreditStore:
             domain.from_ms(reply.expires_ms),
             self._usage(rid.coach_id, rid.period, reply.used, reply.held),
         )
+        if reply.state == "c":  # its note says which month it speaks of
+            reservation.as_of = self._period_info(self.clock()).period
+        return reservation
 
     # --- operations ------------------------------------------------------------------
 
@@ -347,6 +350,9 @@ class CreditStore:
         )
         return CreditsExhausted(
             detail,
+            title=domain.exhausted_title(
+                cost=cost, allowance=self.allowance, used=reply.used, hold_wait_seconds=hold_wait
+            ),
             feature=feature,
             cost=cost,
             remaining=domain.remaining(self.allowance, reply.used, reply.held),

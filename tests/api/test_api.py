@@ -802,7 +802,8 @@ async def test_hold_made_before_midnight_is_charged_to_its_month(
     assert c["status"] == "committed"
     assert (c["usage"]["period"], c["usage"]["used"]) == ("2099-11", 3)
     assert c["usage"]["resets_at"] == "2099-12-01T00:00:00Z"
-    assert c["note"] == "Used 3 credits · 47 of 50 left this month"
+    # Committed in December: the note says which month its figures are for.
+    assert c["note"] == "Used 3 credits · 47 of 50 left for November"
     december = await usage(api)
     assert (december["period"], december["used"], december["held"]) == ("2099-12", 0, 0)
     assert december["resets_at"] == "2100-01-01T00:00:00Z"

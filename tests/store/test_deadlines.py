@@ -1,6 +1,6 @@
 """The transport's bound on every Redis operation: a call past its deadline ends as
 BackendUnavailable, while anyone else's cancellation stays a cancellation. (Calls that
-share a write are bounded by the write's deadline: tests/test_coalesce.py.)"""
+share a write are bounded by the write's deadline: tests/store/test_coalesce.py.)"""
 
 from __future__ import annotations
 

@@ -303,7 +303,8 @@ async def test_a_hold_made_in_november_is_charged_to_november(
     assert committed.reservation_id.period == NOV
     assert committed.usage.period == NOV
     assert (committed.usage.used, committed.usage.held) == (3, 0)
-    assert committed.note == "Used 3 credits · 47 of 50 left this month"
+    # Committed in December: the note names the month its figures are for.
+    assert committed.note == "Used 3 credits · 47 of 50 left for November"
 
     december = await store.usage(COACH)
     assert (december.used, december.held, december.remaining) == (0, 0, 50)

@@ -15,6 +15,7 @@ from types import TracebackType
 
 import httpx
 
+from tests.support import paths
 from tests.support.redis import RedisProcess, free_port
 
 WORKER_KEY = "worker-key-for-tests-0001"
@@ -23,8 +24,9 @@ ADMIN_KEY = "admin-key-for-tests-00001"
 
 
 class Uvicorn:
-    """A uvicorn server (and its workers) in its own process group, ready once
-    ``ready_path`` answers 200 (any answer, with ``ready_path=None``)."""
+    """A uvicorn server (and its workers) in its own process group, run from the checkout
+    with ``env`` over the caller's environment less its ``CREDITS_`` settings, ready
+    once ``ready_path`` answers 200 (any answer, with ``ready_path=None``)."""
 
     def __init__(
         self,
@@ -50,9 +52,11 @@ class Uvicorn:
 
     def start(self, timeout: float = 30.0) -> Uvicorn:
         with self.log_path.open("wb") as log:
+            inherited = {k: v for k, v in os.environ.items() if not k.startswith("CREDITS_")}
             self.proc = subprocess.Popen(
                 self.argv,
-                env={**os.environ, **self.env},
+                cwd=paths.ROOT,
+                env={**inherited, **self.env},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
