@@ -56,6 +56,10 @@ EXPECTED_ROWS = [
     ("scale", "one reserve that sweeps 100 lapsed holds"),
     ("memory", "one active coach-month"),
     ("memory", "an idle coach"),
+    ("memory", "a coach-month of ordinary use (50 actions)"),
+    ("memory", "a coach-month of ordinary use (50 actions, each with an Idempotency-Key)"),
+    ("memory", "one coach after 20,000 reserve+refund cycles"),
+    ("memory", "one coach after 20,000 reserve+refund cycles, each with an Idempotency-Key"),
     ("check", "coach-months checked"),
     ("check", "coach-months above their allowance"),
 ]

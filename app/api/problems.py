@@ -21,6 +21,7 @@ from app.errors import (
     NotFound,
     PayloadTooLarge,
     ReservationConflict,
+    TooManyHolds,
     Unauthorized,
 )
 
@@ -31,6 +32,7 @@ PROBLEM_JSON: Final = "application/problem+json"
 #: Most specific class first; the first match wins.
 STATUS_BY_ERROR: Final[tuple[tuple[type[CreditsError], int], ...]] = (
     (CreditsExhausted, 429),
+    (TooManyHolds, 429),
     (ReservationConflict, 409),
     (NotFound, 404),
     (InvalidRequest, 422),
@@ -83,9 +85,9 @@ def _body(
 
 def problem_body(exc: CreditsError) -> dict[str, object]:
     """The problem object for one outcome, as a batch item carries it (no headers there,
-    so what a header would say is in the body: ``retry_after`` for exhausted credits)."""
+    so what a header would say is in the body: ``retry_after`` with every 429)."""
     extra = exc.extra()
-    if isinstance(exc, CreditsExhausted):
+    if isinstance(exc, CreditsExhausted | TooManyHolds):
         extra["retry_after"] = exc.retry_after
     return _body(
         status=status_for(exc), code=exc.code, title=exc.title, detail=exc.detail, extra=extra
@@ -95,7 +97,7 @@ def problem_body(exc: CreditsError) -> dict[str, object]:
 def error_response(exc: CreditsError, *, retry_after_unavailable: int = 1) -> Response:
     status = status_for(exc)
     headers: dict[str, str] = {}
-    if isinstance(exc, CreditsExhausted):
+    if isinstance(exc, CreditsExhausted | TooManyHolds):
         headers["Retry-After"] = str(exc.retry_after)
     elif isinstance(exc, BackendUnavailable):
         headers["Retry-After"] = str(retry_after_unavailable)
