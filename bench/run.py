@@ -39,7 +39,6 @@ from app.main import connect
 from app.store import (
     CreditStore,
     ReserveItem,
-    idempotency_keys,
     load_script_source,
     period_keys,
 )
@@ -187,7 +186,7 @@ def redis_benchmark(
 def reserve_command(sha: str, *, coach: str, allowance: int, now: datetime) -> list[str]:
     """The reserve script as the store calls it, with a random token per call."""
     period = Period.containing(now)
-    keys = (*period_keys(coach, period), *idempotency_keys(coach))
+    keys = period_keys(coach, period)[:3]
     now_ms = domain.to_ms(now)
     start = domain.to_ms(period.starts_at)
     return [

@@ -4,8 +4,8 @@
 -- picture). Per coach and period:
 --   account      HASH  used, held (credits), seq (last event number),
 --                      next (ms: no hold expires before it; absent when there are no holds),
---                      live (holds in the holds index), recent (settled records still
---                      here), archived (records in settled:0),
+--                      moved_at (seq when settled records last moved to settled:0),
+--                      archived (records in settled:0),
 --                      base_used, base_held (what the events trimmed off the log added up to),
 --                      fc:<feature> -> code, fn:<code> -> feature, codes (codes given out),
 --                      r:<token> -> record
@@ -44,8 +44,9 @@ local KEPT = 1000 -- settled records and idempotency records kept, the newest
 -- Records a settled:N or idem:N hash takes: Redis keeps a hash of up to 512 short
 -- entries as one compact listpack, about half the memory of a hash table.
 local GENERATION = 500
--- Settled records a reserve leaves in the account before moving them to settled:0.
-local RECENT_MAX = 100
+-- Events after which the account's settled records move to settled:0 (each action logs
+-- two, so about 100 actions' records stay in the account); a reserve reports it due.
+local MOVE_EVERY = 200
 
 -- Credits this call returned from lapsed holds; every reply carries it last.
 local swept = 0
@@ -77,7 +78,7 @@ end
 -- when it needs them (reserve: only off its common path).
 local num, parse_record, counters, sweep_due, find_record, feature_name, new_code
 local trim_log, push_events, expire_holds, release_lapsed, effective_held
-local settle_target, settle_hold, settle_reply, archive_recent, idem_find, idem_write
+local settle_target, settle_hold, settle_reply, move_settled, idem_find, idem_write
 
 local function define_helpers()
   if num then
@@ -98,13 +99,11 @@ local function define_helpers()
     return state, tonumber(cost), base + tonumber(expires, 16), code, tonumber(seq), cost, expires
   end
 
-  -- The account's counters: used, held, seq, next (nil without holds), live holds,
-  -- recent settled records, and whether the hash exists (held is written with its
-  -- first hold and never removed).
+  -- The account's counters: used, held, seq, next (nil without holds), and whether the
+  -- hash exists (held is written with its first hold and never removed).
   function counters(account)
-    local used, held, seq, nxt, live, recent =
-      unpack(redis.call('HMGET', account, 'used', 'held', 'seq', 'next', 'live', 'recent'))
-    return num(used), num(held), num(seq), tonumber(nxt), num(live), num(recent), held ~= false
+    local used, held, seq, nxt = unpack(redis.call('HMGET', account, 'used', 'held', 'seq', 'next'))
+    return num(used), num(held), num(seq), tonumber(nxt), held ~= false
   end
 
   -- Whether some hold may have lapsed by `now`. Held credits include lapsed holds not yet
@@ -173,8 +172,8 @@ local function define_helpers()
 
   -- Turns lapsed holds into expired reservations and returns their credits, in one
   -- write of the account. `lapsed` lists {token, cost_text, expires_text, code}; `t`
-  -- holds the counters (held, seq, live, recent), which are updated; `extra` are more
-  -- account fields to write along (`next`).
+  -- holds the counters (held, seq), which are updated; `extra` are more account fields
+  -- to write along (`next`).
   function expire_holds(account, holds, events, events_max, lapsed, t, extra)
     local fields, members, rows = {}, {}, {}
     for _, h in ipairs(lapsed) do
@@ -187,14 +186,11 @@ local function define_helpers()
       t.held = t.held - tonumber(cost_text)
       swept = swept + tonumber(cost_text)
     end
-    local n = #lapsed
-    t.live, t.recent = math.max(0, t.live - n), t.recent + n
     for _, v in ipairs(extra or {}) do
       fields[#fields + 1] = v
     end
     local k = #fields
     fields[k + 1], fields[k + 2], fields[k + 3], fields[k + 4] = 'held', t.held, 'seq', t.seq
-    fields[k + 5], fields[k + 6], fields[k + 7], fields[k + 8] = 'live', t.live, 'recent', t.recent
     redis.call('HSET', account, unpack(fields))
     redis.call('ZREM', holds, unpack(members))
     push_events(account, events, events_max, rows)
@@ -225,9 +221,9 @@ local function define_helpers()
       names[j] = 'r:' .. member
     end
     local n = #names
-    names[n + 1], names[n + 2], names[n + 3], names[n + 4] = 'held', 'seq', 'live', 'recent'
+    names[n + 1], names[n + 2] = 'held', 'seq'
     local got = redis.call('HMGET', account, unpack(names))
-    local t = {held = num(got[n + 1]), seq = num(got[n + 2]), live = num(got[n + 3]), recent = num(got[n + 4])}
+    local t = {held = num(got[n + 1]), seq = num(got[n + 2])}
     local lapsed, stray = {}, {}
     for j, member in ipairs(members) do
       local rec = got[j]
@@ -280,8 +276,8 @@ local function define_helpers()
   -- nothing, for an unknown token.
   function settle_target(account, holds, events, settled, events_max, now, token, batch)
     local field = 'r:' .. token
-    local rec, used, held, seq, nxt, live, recent =
-      unpack(redis.call('HMGET', account, field, 'used', 'held', 'seq', 'next', 'live', 'recent'))
+    local rec, used, held, seq, nxt =
+      unpack(redis.call('HMGET', account, field, 'used', 'held', 'seq', 'next'))
     if not rec then
       rec = find_record(account, settled, token)
       if not rec then
@@ -292,12 +288,12 @@ local function define_helpers()
       return nil -- not a record this version wrote
     end
     local prior = string.sub(rec, 1, 1)
-    local t = {used = num(used), held = num(held), seq = num(seq), live = num(live), recent = num(recent)}
+    local t = {used = num(used), held = num(held), seq = num(seq)}
     if sweep_due(t.held, tonumber(nxt), now) then
       release_lapsed(account, holds, events, events_max, now, batch)
-      local again = redis.call('HMGET', account, field, 'held', 'seq', 'live', 'recent')
+      local again = redis.call('HMGET', account, field, 'held', 'seq')
       rec = again[1] or rec
-      t.held, t.seq, t.live, t.recent = num(again[2]), num(again[3]), num(again[4]), num(again[5])
+      t.held, t.seq = num(again[2]), num(again[3])
     end
     local state, cost, expires, code, _, cost_text, expires_text = parse_record(rec)
     t.prior, t.state, t.code = prior, state, code
@@ -316,14 +312,13 @@ local function define_helpers()
   function settle_hold(account, holds, events, events_max, now, token, t, state)
     local cost = t.cost_text
     t.held, t.seq = t.held - t.cost, t.seq + 1
-    t.live, t.recent = math.max(0, t.live - 1), t.recent + 1
     local fields = {
       'r:' .. token, record(state, cost, t.expires_text, t.code) .. '|' .. t.seq,
-      'held', t.held, 'seq', t.seq, 'live', t.live, 'recent', t.recent,
+      'held', t.held, 'seq', t.seq,
     }
     if state == 'c' then
       t.used = t.used + t.cost
-      fields[11], fields[12] = 'used', t.used
+      fields[7], fields[8] = 'used', t.used
     end
     redis.call('HSET', account, unpack(fields))
     redis.call('ZREM', holds, token)
@@ -372,9 +367,10 @@ local function define_helpers()
 
   -- Moves the settled records out of the account into settled:0, oldest first, a new
   -- generation every GENERATION records: the newest KEPT or more stay findable, older
-  -- ones are dropped. Runs once more than RECENT_MAX have collected, so each record is
-  -- moved once and dropped once: O(1) amortised per settlement.
-  function archive_recent(account, settled, idem, period)
+  -- ones are dropped. Runs every MOVE_EVERY events (move.lua), so each record is moved
+  -- once and dropped once, and the account is read once per MOVE_EVERY events: O(1)
+  -- amortised.
+  function move_settled(account, settled, idem, period, seq)
     local all = redis.call('HGETALL', account)
     local moving = {}
     local archived = 0
@@ -413,7 +409,7 @@ local function define_helpers()
     if #gone > 0 then
       redis.call('HDEL', account, unpack(gone))
     end
-    redis.call('HSET', account, 'recent', 0, 'archived', archived)
+    redis.call('HSET', account, 'moved_at', seq, 'archived', archived)
   end
 
   -- The live idempotency record for `digest` (KEYS idem:0..2 in `idem`): the number of

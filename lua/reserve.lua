@@ -1,6 +1,7 @@
 -- reserve: hold `cost` credits for one coach in one period, if they fit.
 --
 -- KEYS[1] account hash     KEYS[2] holds zset     KEYS[3] events list
+-- with an idempotency key only (ARGV[12]):
 -- KEYS[4..6] settled:0..2 hashes (the period's older settled records)
 -- KEYS[7..9] idem:0..2 hashes (the coach's idempotency records)
 -- ARGV[1] now (ms since epoch)         ARGV[2] token of the new hold
@@ -14,7 +15,8 @@
 --
 -- Reply: {status, used, held, token, state, cost, expires_ms, feature, extra, swept}
 --   swept: credits this call returned from lapsed holds (their expiry)
---   OK              the hold was made
+--   OK              the hold was made; extra = 'move' when the period's settled records
+--                   are due to move out of the account (the caller runs move.lua)
 --   REPLAY          the idempotency key was seen: the existing reservation, held again never
 --   REPLAY_ELSEWHERE  seen, but its reservation lives in period `extra`; feature = its
 --                   final record if that was dropped ('' otherwise)
@@ -33,15 +35,15 @@ base = tonumber(ARGV[13])
 -- The common path (no lapsed hold, no idempotency key, credits left, a feature already
 -- used this period) is written out with no helper: defining them costs more than the
 -- checks (see define_helpers).
-local got = redis.call('HMGET', account, 'used', 'held', 'seq', 'next', 'live', 'recent', 'fc:' .. feature)
+local got = redis.call('HMGET', account, 'used', 'held', 'seq', 'next', 'moved_at', 'fc:' .. feature)
 local used, held, seq, nxt = tonumber(got[1]) or 0, tonumber(got[2]) or 0, tonumber(got[3]) or 0, tonumber(got[4])
-local live, recent, code = tonumber(got[5]) or 0, tonumber(got[6]) or 0, got[7]
+local moved_at, code = tonumber(got[5]) or 0, got[6]
 -- held is written with the first hold and never removed: it tells whether the hash exists.
 local exists = got[2] ~= false
 if held > 0 and (nxt == nil or nxt <= now) then -- some hold may have lapsed (sweep_due)
   define_helpers()
   release_lapsed(account, holds, events, events_max, now, batch)
-  used, held, seq, nxt, live, recent, exists = counters(account)
+  used, held, seq, nxt, exists = counters(account)
 end
 
 local idem, last_idem
@@ -66,7 +68,7 @@ if digest ~= '' then
       return {'IDEM_REUSED', 0, 0, seen_token, '', 0, 0, feature_name(account, seen_code), '', swept}
     end
     if state == 'h' and e <= now then
-      local t = {held = held, seq = seq, live = live, recent = recent}
+      local t = {held = held, seq = seq}
       expire_holds(account, holds, events, events_max, {{seen_token, c_text, e_text, seen_code}}, t)
       state, held = 'e', t.held
     end
@@ -80,7 +82,7 @@ if used + held + cost > allowance then
   -- Only near exhaustion is it worth releasing beyond one batch: a refusal must be real.
   while used + held + cost > allowance and sweep_due(held, nxt, now)
     and release_lapsed(account, holds, events, events_max, now, batch) > 0 do
-    used, held, seq, nxt, live, recent, exists = counters(account)
+    used, held, seq, nxt, exists = counters(account)
   end
   if used + held + cost > allowance then
     local first = redis.call('ZRANGE', holds, 0, 0, 'WITHSCORES')
@@ -88,13 +90,17 @@ if used + held + cost > allowance then
   end
 end
 
-if live >= MAX_LIVE then
+-- Every hold costs a credit or more, so only with MAX_LIVE credits held can that many
+-- holds be live: only then are they counted.
+if held >= MAX_LIVE and redis.call('ZCARD', holds) >= MAX_LIVE then
   define_helpers()
-  while live >= MAX_LIVE and sweep_due(held, nxt, now)
-    and release_lapsed(account, holds, events, events_max, now, batch) > 0 do
-    used, held, seq, nxt, live, recent, exists = counters(account)
+  while sweep_due(held, nxt, now) and release_lapsed(account, holds, events, events_max, now, batch) > 0 do
+    used, held, seq, nxt, exists = counters(account)
+    if redis.call('ZCARD', holds) < MAX_LIVE then
+      break
+    end
   end
-  if live >= MAX_LIVE then
+  if redis.call('ZCARD', holds) >= MAX_LIVE then
     local first = redis.call('ZRANGE', holds, 0, 0, 'WITHSCORES')
     return {'TOO_MANY_HOLDS', used, held, '', '', cost, 0, feature, first[2] or '0', swept}
   end
@@ -106,9 +112,9 @@ local moves_next = held == 0 or not nxt or expires < nxt
 if code then
   local rec = record('h', ARGV[4], ARGV[15], code)
   if moves_next then
-    redis.call('HSET', account, 'r:' .. token, rec, 'held', held + cost, 'seq', seq, 'live', live + 1, 'next', ARGV[5])
+    redis.call('HSET', account, 'r:' .. token, rec, 'held', held + cost, 'seq', seq, 'next', ARGV[5])
   else
-    redis.call('HSET', account, 'r:' .. token, rec, 'held', held + cost, 'seq', seq, 'live', live + 1)
+    redis.call('HSET', account, 'r:' .. token, rec, 'held', held + cost, 'seq', seq)
   end
 else
   define_helpers()
@@ -117,9 +123,8 @@ else
   local n = #fields
   fields[n + 1], fields[n + 2] = 'r:' .. token, record('h', ARGV[4], ARGV[15], code)
   fields[n + 3], fields[n + 4], fields[n + 5], fields[n + 6] = 'held', held + cost, 'seq', seq
-  fields[n + 7], fields[n + 8] = 'live', live + 1
   if moves_next then
-    fields[n + 9], fields[n + 10] = 'next', ARGV[5]
+    fields[n + 7], fields[n + 8] = 'next', ARGV[5]
   end
   redis.call('HSET', account, unpack(fields))
 end
@@ -142,8 +147,7 @@ end
 if idem then
   idem_write(idem, digest, period .. '|' .. token, last_idem, ARGV[1], tonumber(ARGV[8]))
 end
-if recent > RECENT_MAX then
-  define_helpers()
-  archive_recent(account, {KEYS[4], KEYS[5], KEYS[6]}, {KEYS[7], KEYS[8], KEYS[9]}, period)
-end
-return {'OK', used, held + cost, token, 'h', cost, expires, feature, '', swept}
+-- The move reads the whole account and needs six more keys: it runs as its own call,
+-- once every MOVE_EVERY events, so this one stays short.
+local due = seq - moved_at >= MOVE_EVERY and 'move' or ''
+return {'OK', used, held + cost, token, 'h', cost, expires, feature, due, swept}

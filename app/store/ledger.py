@@ -57,6 +57,10 @@ from app.store.transport import AnyRedis, Command, transport_for
 
 Clock = Callable[[], datetime]
 
+#: What a reserve's reply says in ``extra`` when the period's settled records are due to
+#: move out of its account (move.lua, run right after).
+_MOVE_DUE: Final = "move"
+
 #: Each state's outcome label, read once (an enum's ``.value`` is a descriptor call).
 _OUTCOMES: Final = {state: status.value for state, status in STATES.items()}
 
@@ -292,7 +296,10 @@ class CreditStore:
         """Hold the feature's cost. Returns the reservation and whether it is new
         (False: an idempotent replay of an earlier request)."""
         call = self._reserve_call(coach_id, feature, ttl_seconds, idempotency_key, principal)
-        return await self._reserve_outcome(call, await self._run(call.command, "reserve"))
+        reply = await self._run(call.command, "reserve")
+        if reply.extra == _MOVE_DUE and reply.status == "OK":
+            await self._run(self._move_command(call.rid), "move")
+        return await self._reserve_outcome(call, reply)
 
     def _reserve_call(
         self,
@@ -308,8 +315,13 @@ class CreditStore:
         now = self.clock()
         info = self._period_info(now)
         rid = ReservationId.new(coach_id, info.period)
-        keys = (*period_keys(coach_id, info.text), *idempotency_keys(coach_id))
-        digest = "" if idempotency_key is None else idempotency_digest(principal, idempotency_key)
+        keys: tuple[str, ...] = period_keys(coach_id, info.text)
+        digest = ""
+        if idempotency_key is None:
+            keys = keys[:3]
+        else:
+            keys = (*keys, *idempotency_keys(coach_id))
+            digest = idempotency_digest(principal, idempotency_key)
         now_ms = domain.to_ms(now)
         expires_ms = now_ms + ttl * 1000
         start = info.start_ms
@@ -331,6 +343,13 @@ class CreditStore:
             ms_after(start, expires_ms),
         )
         return _ReserveCall(rid, feature, cost, now, self._command("reserve", keys, args))
+
+    def _move_command(self, rid: ReservationId) -> Command:
+        """move.lua for the period of ``rid``: its settled records leave the account."""
+        info = self._info_of(rid.period.year, rid.period.month)
+        k = period_keys(rid.coach_id, info.text)
+        keys = (k.account, *k.settled, *idempotency_keys(rid.coach_id))
+        return self._command("move", keys, (info.text, info.keys_expire_ms))
 
     async def _reserve_outcome(self, call: _ReserveCall, reply: Reply) -> tuple[Reservation, bool]:
         rid, feature, cost = call.rid, call.feature, call.cost
@@ -560,7 +579,15 @@ class CreditStore:
             )
 
         prepared = batch.prepare(items, make)
-        replies = await self._run_in_order([c.command for c in batch.sent(prepared)])
+        calls = batch.sent(prepared)
+        replies = await self._run_in_order([c.command for c in calls])
+        due = {
+            (c.rid.coach_id, c.rid.period): c.rid
+            for c, r in zip(calls, replies, strict=True)
+            if r.extra == _MOVE_DUE and r.status == "OK"
+        }
+        if due:
+            await self._run_in_order([self._move_command(rid) for rid in due.values()])
         return await batch.outcomes(prepared, iter(replies), self._reserve_outcome)
 
     async def settle_many(
