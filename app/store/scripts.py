@@ -24,7 +24,7 @@ from app.store.transport import Transport
 
 log = logging.getLogger("credits.store")
 
-SCRIPT_NAMES: Final = ("reserve", "settle", "get_reservation", "get_usage", "get_events")
+SCRIPT_NAMES: Final = ("reserve", "settle", "move", "get_reservation", "get_usage", "get_events")
 LUA: Final = resources.files("app.lua")
 
 
