@@ -7,6 +7,8 @@
 --                  state: h held, c committed, r refunded, e expired
 --   holds    ZSET  "<token>:<cost>" scored by expires_ms, live holds only
 --   events   LIST  "<seq>|<ms>|<kind>|<token>|<feature>|<cost>", newest first, bounded
+--   (account) wh   the highest usage threshold (70, 90, 100) notified by webhook this
+--                  period; written only while webhook endpoints are configured
 --
 -- Every Redis command a script runs costs about as much as the script's own logic, so
 -- the common paths read the account in one HMGET and write it in one HSET, and `next`
@@ -41,6 +43,7 @@ end
 -- when it needs them (reserve: only off its common path).
 local num, parse_record, counters, sweep_due, push_event, log_event
 local expire_hold, release_lapsed, effective_held, settle_target, settle_hold, settle_reply
+local outbox_record
 
 local function define_helpers()
   if num then
@@ -196,5 +199,52 @@ local function define_helpers()
   function settle_reply(outcome, token, t)
     local again = t.prior ~= 'h' and 'again' or ''
     return {outcome, t.used, t.held, token, t.state, t.cost, t.expires, t.feature, again, swept}
+  end
+
+  -- Threshold webhooks (settle's KEYS[4..7] and ARGV[7..10]): records one delivery per
+  -- endpoint for every threshold above `done` up to `passed`, due at once, in this
+  -- slot's outbox, and keeps the outbox within its bounds (deliveries kept, and for
+  -- how long). Returns the reply's tail: {'deliveries', deliveries key, id, ...}.
+  function outbox_record(keys, argv, account, t, allowance, done, passed)
+    local deliveries, due, log, failed = keys[4], keys[5], keys[6], keys[7]
+    local now, keep, keep_ms = tonumber(argv[1]), tonumber(argv[9]), tonumber(argv[10])
+    local coach, period = string.match(account, '{(.*)}:([^:]*):account$')
+    local tail = {'deliveries', deliveries}
+    for _, threshold in ipairs({70, 90, 100}) do
+      if threshold > done and threshold <= passed then
+        -- The same for every attempt and endpoint: one event, at most once per coach,
+        -- period and threshold.
+        local webhook_id = 'msg_' .. period .. '_' .. threshold .. '_' .. coach
+        for url in string.gmatch(argv[8], '%S+') do
+          local id = url .. ' ' .. webhook_id
+          redis.call('HSET', deliveries, id, cjson.encode({
+            webhook_id = webhook_id, url = url, threshold = threshold, coach_id = coach,
+            period = period, used = t.used, held = t.held, allowance = allowance,
+            recorded_at = now, attempts = 0, status = 'pending', next_attempt_at = now}))
+          redis.call('ZADD', due, now, id)
+          redis.call('ZADD', log, now, id)
+          tail[#tail + 1] = id
+        end
+      end
+    end
+    -- The oldest go first: past their age, then beyond the count.
+    local gone = redis.call('ZRANGEBYSCORE', log, '-inf', now - keep_ms, 'LIMIT', 0, 1000)
+    local over = math.min(redis.call('ZCARD', log) - #gone - keep, 1000)
+    if over > 0 then
+      for _, id in ipairs(redis.call('ZRANGE', log, #gone, #gone + over - 1)) do
+        gone[#gone + 1] = id
+      end
+    end
+    if #gone > 0 then
+      redis.call('HDEL', deliveries, unpack(gone))
+      redis.call('ZREM', due, unpack(gone))
+      redis.call('ZREM', failed, unpack(gone))
+      redis.call('ZREM', log, unpack(gone))
+    end
+    -- An outbox nobody writes to any more goes with its last deliveries.
+    for i = 4, 7 do
+      redis.call('PEXPIREAT', keys[i], now + keep_ms)
+    end
+    return tail
   end
 end
