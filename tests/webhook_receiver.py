@@ -45,6 +45,8 @@ class Receiver:
         self.hold = threading.Event()
         self.hold_seconds = 30.0
         self.received: list[Received] = []
+        #: Requests answered so far (a held request is received, not yet answered).
+        self.answered = 0
         self._lock = threading.Lock()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -82,12 +84,16 @@ class Receiver:
         with self._lock:
             self.received.append(item)
             status = self.status
-        if self.hold.is_set():
-            deadline = time.monotonic() + self.hold_seconds
-            while self.hold.is_set() and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
+        # ``hold`` is set and cleared from the test's thread: looked at, not awaited.
+        deadline = time.monotonic() + self.hold_seconds
+        while self.hold.is_set():
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.02)
         await send({"type": "http.response.start", "status": status, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
+        with self._lock:
+            self.answered += 1
 
     def answer(self, status: int) -> None:
         with self._lock:
@@ -109,10 +115,10 @@ class Receiver:
         raise TimeoutError(f"the receiver did not get what was expected: {self.snapshot()}")
 
     async def arrival(
-        self, check: Callable[[list[Received]], bool], timeout: float = 20.0
+        self, check: Callable[[list[Received]], bool], within: float = 20.0
     ) -> list[Received]:
         """``wait_for`` for a test whose event loop runs the service meanwhile."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             got = self.snapshot()
             if check(got):

@@ -75,6 +75,8 @@ class Dispatcher:
         self.queue: asyncio.Queue[Item] = asyncio.Queue(QUEUE_SIZE)
         self._client: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # Stops the senders besides cancelling them: a library call may swallow that.
+        self._stopping = False
 
     def submit(self, slot: int, ids: Sequence[str], *, fresh: bool) -> bool:
         """Queues attempts; False when the queue was full (the rest wait in Redis)."""
@@ -99,6 +101,7 @@ class Dispatcher:
 
     async def stop(self) -> None:
         """Abandons attempts in flight: their claims lapse and they are attempted again."""
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -108,7 +111,7 @@ class Dispatcher:
             self._client = None
 
     async def _sender(self) -> None:
-        while True:
+        while not self._stopping:
             slot, delivery_id, fresh = await self.queue.get()
             try:
                 await self.attempt(slot, delivery_id, fresh=fresh)

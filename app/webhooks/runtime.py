@@ -61,7 +61,8 @@ class Webhooks:
         self._sweeping = asyncio.create_task(sweeper.run())
 
     async def stop(self) -> None:
-        if self._sweeping is not None:
+        if self._sweeping is not None and self.sweeper is not None:
+            self.sweeper.stopping.set()
             self._sweeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeping

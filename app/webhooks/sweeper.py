@@ -55,18 +55,22 @@ class Sweeper:
             thread_local=False,
         )
         self.holds_lease = False
+        #: Set to stop ``run`` (besides cancelling it: a library call may swallow that).
+        self.stopping = asyncio.Event()
         self.per_sweep = math.ceil(SLOT_COUNT * interval_seconds / RESCAN_SECONDS)
         self._next_slot = 0
 
     async def run(self) -> None:
-        while True:
+        while not self.stopping.is_set():
             try:
                 await self.sweep()
             except CreditsError as exc:  # Redis away: try again next time
                 log.warning("webhook sweep skipped: %s", exc.detail)
             except Exception:
                 log.exception("webhook sweep failed unexpectedly")
-            await asyncio.sleep(self.interval_seconds)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval_seconds):
+                    await self.stopping.wait()
 
     async def sweep(self) -> bool:
         """One sweep, if this process holds (or gets) the lease; whether it did."""
