@@ -201,13 +201,13 @@ local function define_helpers()
     return {outcome, t.used, t.held, token, t.state, t.cost, t.expires, t.feature, again, swept}
   end
 
-  -- Threshold webhooks (settle's KEYS[4..7] and ARGV[7..10]): records one delivery per
-  -- endpoint for every threshold above `done` up to `passed`, due at once, in this
-  -- slot's outbox, and keeps the outbox within its bounds (deliveries kept, and for
-  -- how long). Returns the reply's tail: {'deliveries', deliveries key, id, ...}.
-  function outbox_record(keys, argv, account, t, allowance, done, passed)
-    local deliveries, due, log, failed = keys[4], keys[5], keys[6], keys[7]
-    local now, keep, keep_ms = tonumber(argv[1]), tonumber(argv[9]), tonumber(argv[10])
+  -- Threshold webhooks: records one delivery per endpoint (`urls`, space-separated)
+  -- for every threshold above `done` up to `passed`, due at once, in this slot's
+  -- `outbox` {deliveries, due, log, failed}, and keeps the outbox within its bounds
+  -- (`keep` deliveries, for `keep_ms`). `t` is settle_target's, after the commit.
+  -- Returns the reply's tail: {'deliveries', deliveries key, id, ...}.
+  function outbox_record(outbox, urls, keep, keep_ms, now, account, t, allowance, done, passed)
+    local deliveries, due, log, failed = unpack(outbox)
     local coach, period = string.match(account, '{(.*)}:([^:]*):account$')
     local tail = {'deliveries', deliveries}
     for _, threshold in ipairs({70, 90, 100}) do
@@ -215,7 +215,7 @@ local function define_helpers()
         -- The same for every attempt and endpoint: one event, at most once per coach,
         -- period and threshold.
         local webhook_id = 'msg_' .. period .. '_' .. threshold .. '_' .. coach
-        for url in string.gmatch(argv[8], '%S+') do
+        for url in string.gmatch(urls, '%S+') do
           local id = url .. ' ' .. webhook_id
           redis.call('HSET', deliveries, id, cjson.encode({
             webhook_id = webhook_id, url = url, threshold = threshold, coach_id = coach,
@@ -242,8 +242,8 @@ local function define_helpers()
       redis.call('ZREM', log, unpack(gone))
     end
     -- An outbox nobody writes to any more goes with its last deliveries.
-    for i = 4, 7 do
-      redis.call('PEXPIREAT', keys[i], now + keep_ms)
+    for _, key in ipairs(outbox) do
+      redis.call('PEXPIREAT', key, now + keep_ms)
     end
     return tail
   end

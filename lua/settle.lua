@@ -51,7 +51,8 @@ if t.state == 'h' then
       local done = tonumber(redis.call('HGET', account, 'wh')) or 0
       if passed > done then
         redis.call('HSET', account, 'wh', passed)
-        notified = outbox_record(KEYS, ARGV, account, t, allowance, done, passed)
+        notified = outbox_record({KEYS[4], KEYS[5], KEYS[6], KEYS[7]}, ARGV[8],
+          tonumber(ARGV[9]), tonumber(ARGV[10]), now, account, t, allowance, done, passed)
       end
     end
     -- <<< threshold webhooks
