@@ -18,7 +18,7 @@ import uvicorn
 from standardwebhooks import Webhook, WebhookVerificationError
 from starlette.types import Receive, Scope, Send
 
-from tests.redis_procs import free_port
+from tests.support.redis import free_port
 
 
 def new_secret() -> str:
@@ -32,6 +32,8 @@ class Received:
     verified: bool
     body: dict[str, Any]
     path: str
+    #: When it arrived (seconds since epoch).
+    at: float
 
 
 class Receiver:
@@ -80,6 +82,7 @@ class Receiver:
             verified,
             json.loads(raw or b"{}"),
             scope["path"],
+            time.time(),
         )
         with self._lock:
             self.received.append(item)
