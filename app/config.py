@@ -67,7 +67,8 @@ class Settings(BaseSettings):
     webhook_retry_window_seconds: Annotated[float, Field(gt=0, le=7 * 86_400)] = 86_400.0
     webhook_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 10.0
     webhook_sweep_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
-    webhook_deliveries_per_outbox: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    #: At least what one commit can record (20 endpoints, 3 thresholds).
+    webhook_deliveries_per_outbox: Annotated[int, Field(ge=60, le=100_000)] = 1000
 
     @field_validator("feature_costs")
     @classmethod

@@ -43,6 +43,8 @@ RETENTION_MS: Final = 7 * 86_400_000
 IDS_PER_SLOT: Final = 100
 #: Slots per round trip when reading many outboxes.
 SLOTS_PER_ROUND: Final = 64
+#: Slots per round trip of the sweeper's reads over many outboxes.
+RESCAN_CHUNK: Final = 32
 
 DeliveryStatus = Literal["pending", "failed", "delivered"]
 Outcome = Literal["delivered", "retry", "failed"]
@@ -199,8 +201,13 @@ class Outbox:
             await self.transport.call("ZADD", OUTBOX_DUE_SLOTS, "LT", look_at(again), slot)
 
     async def rescan(self, slots: Iterable[int], now_ms: int, claim_ms: int) -> None:
-        """Puts back into the indexes any of these slots whose outbox they miss."""
+        """Puts back into the indexes any of these slots whose outbox they miss, a few
+        slots at a time (on a cluster each read takes a connection the routes share)."""
         slots = list(slots)
+        for start in range(0, len(slots), RESCAN_CHUNK):
+            await self._rescan(slots[start : start + RESCAN_CHUNK], now_ms, claim_ms)
+
+    async def _rescan(self, slots: list[int], now_ms: int, claim_ms: int) -> None:
         newest = await self._all(
             [("ZREVRANGE", outbox_keys(s).log, 0, 0, "WITHSCORES") for s in slots]
         )
@@ -225,8 +232,8 @@ class Outbox:
     async def pending_count(self) -> int:
         slots = [int(text(s)) for s in await self.transport.call("ZRANGE", OUTBOX_DUE_SLOTS, 0, -1)]
         total = 0
-        for start in range(0, len(slots), SLOTS_PER_ROUND * 16):
-            chunk = slots[start : start + SLOTS_PER_ROUND * 16]
+        for start in range(0, len(slots), RESCAN_CHUNK):
+            chunk = slots[start : start + RESCAN_CHUNK]
             counts = await self._all([("ZCARD", outbox_keys(s).due) for s in chunk])
             total += sum(int(n) for n in counts)
         return total
