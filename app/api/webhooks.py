@@ -6,12 +6,11 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from app import domain
 from app.api.deps import Principal, require
-from app.api.problems import PROBLEM_JSON
-from app.api.schemas import ProblemOut
+from app.api.openapi import problems
 from app.config import Scope
 from app.webhooks.outbox import Delivery, DeliveryStatus, Outbox
 
@@ -34,6 +33,27 @@ class DeliveryOut(BaseModel):
 
 
 class DeliveriesOut(BaseModel):
+    # One pending delivery: the schema generator drops the nulls a finished one has.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "deliveries": [
+                        {
+                            "webhook_id": "msg_2026-11_90_coach-42",
+                            "type": "usage.threshold_crossed",
+                            "url": "https://hooks.example.com/credits",
+                            "attempts": 3,
+                            "status": "pending",
+                            "last_error": "HTTP 503",
+                            "next_attempt_at": "2026-11-14T12:02:41.200Z",
+                        }
+                    ]
+                }
+            ]
+        }
+    )
+
     deliveries: list[DeliveryOut]
 
 
@@ -54,9 +74,7 @@ def delivery_json(d: Delivery) -> dict[str, object]:
 @router.get(
     "/v1/webhook-deliveries",
     response_model=DeliveriesOut,
-    responses={
-        s: {"model": ProblemOut, "content": {PROBLEM_JSON: {}}} for s in (401, 403, 422, 503)
-    },
+    responses=problems("invalid_request", "backend_unavailable"),
     tags=["operations"],
     summary="Threshold webhook deliveries, newest first",
     description=(

@@ -2,8 +2,9 @@
 
 A JSON list of ``{"url", "secret"}``: ``url`` http or https (loopback and private
 addresses allowed: receivers often sit on a private network), ``secret`` in the
-Standard Webhooks form ``whsec_<base64 of 24-64 bytes>``. An error names the setting
-and the entry by its position, never a secret or a url (a url may carry a token).
+Standard Webhooks form ``whsec_<base64 of 24-64 bytes>``. An error says which entry,
+by its position, never a secret or a url (a url may carry a token); the start-up names
+the setting in front of it (``app.config.load_settings``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from urllib.parse import urlsplit
 from pydantic import PlainSerializer, PlainValidator
 from pydantic_settings import NoDecode
 
-SETTING: Final = "CREDITS_WEBHOOKS"
 MAX_ENDPOINTS: Final = 20
 MAX_URL_LENGTH: Final = 2048
 #: Standard Webhooks: secrets of 24 to 64 bytes.
@@ -42,19 +42,19 @@ def parse_endpoints(value: Any) -> tuple[Endpoint, ...]:
         try:
             value = json.loads(value)
         except ValueError:
-            raise ValueError(f"{SETTING} is not valid JSON") from None
+            raise ValueError("not valid JSON") from None
     if not isinstance(value, list):
-        raise ValueError(f'{SETTING} must be a JSON list of {{"url", "secret"}} objects')
+        raise ValueError('must be a JSON list of {"url", "secret"} objects')
     if len(value) > MAX_ENDPOINTS:
-        raise ValueError(f"{SETTING} lists more than {MAX_ENDPOINTS} endpoints")
+        raise ValueError(f"lists more than {MAX_ENDPOINTS} endpoints")
     endpoints = tuple(_endpoint(i, entry) for i, entry in enumerate(value, start=1))
     if len({e.url for e in endpoints}) != len(endpoints):
-        raise ValueError(f"{SETTING} lists the same url twice")
+        raise ValueError("lists the same url twice")
     return endpoints
 
 
 def _endpoint(position: int, entry: Any) -> Endpoint:
-    where = f"{SETTING} entry {position}"
+    where = f"entry {position}"
     if isinstance(entry, Endpoint):
         entry = {"url": entry.url, "secret": entry.secret}
     if not isinstance(entry, dict) or set(entry) != {"url", "secret"}:
@@ -108,7 +108,7 @@ def parse_schedule(value: Any) -> tuple[float, ...]:
         try:
             value = json.loads(value)
         except ValueError:
-            raise ValueError("CREDITS_WEBHOOK_RETRY_SECONDS is not valid JSON") from None
+            raise ValueError("not valid JSON") from None
     if (
         not isinstance(value, list | tuple)
         or not 1 <= len(value) <= 50
@@ -118,8 +118,7 @@ def parse_schedule(value: Any) -> tuple[float, ...]:
         )
     ):
         raise ValueError(
-            "CREDITS_WEBHOOK_RETRY_SECONDS must be a JSON list of 1-50 delays, each "
-            "more than 0 and at most 86400 seconds"
+            "must be a JSON list of 1-50 delays, each more than 0 and at most 86400 seconds"
         )
     return tuple(float(v) for v in value)
 

@@ -1,6 +1,7 @@
-"""A real webhook receiver for tests: a small ASGI app under uvicorn on a free loopback
-port, in a thread of the test process, that verifies every request's Standard Webhooks
-signature with the reference library and answers as the test tells it to."""
+"""For threshold webhook tests: a real receiver (a small ASGI app under uvicorn on a free
+loopback port, in a thread of the test process) that verifies every request's Standard
+Webhooks signature with the reference library and answers as the test tells it to, and
+a helper that spends a coach's credits commit by commit."""
 
 from __future__ import annotations
 
@@ -18,7 +19,17 @@ import uvicorn
 from standardwebhooks import Webhook, WebhookVerificationError
 from starlette.types import Receive, Scope, Send
 
+from app.store import CreditStore
 from tests.support.redis import free_port
+
+
+async def spend(store: CreditStore, coach: str, credits: int) -> None:
+    """Commits actions that cost ``credits`` in all, one by one."""
+    while credits > 0:
+        feature = "trend_analysis" if credits >= 3 else "checkin_draft"
+        reservation, _ = await store.reserve(coach, feature)
+        await store.commit(str(reservation.reservation_id))
+        credits -= reservation.cost
 
 
 def new_secret() -> str:
