@@ -10,6 +10,7 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import fakeredis
 import httpx
 import pytest
 
@@ -19,7 +20,7 @@ from app.metrics import Metrics
 from app.store import AnyRedis, CreditStore, utc_now
 from app.store.keys import OUTBOX_DUE_SLOTS, SLOT_COUNT
 from app.webhooks.config import parse_endpoints
-from app.webhooks.dispatcher import next_attempt_ms
+from app.webhooks.dispatcher import QUEUE_SIZE, Dispatcher, next_attempt_ms
 from app.webhooks.outbox import Outbox
 from app.webhooks.runtime import Webhooks
 from app.webhooks.sweeper import Sweeper
@@ -253,6 +254,7 @@ async def test_an_endpoint_answering_errors_is_retried_then_served_with_the_same
     client, _ = await serve(hook_settings(receiver))
     await spend_http(client, "coach-h3", 36)
     failing = await receiver.arrival(lambda r: len(r) >= 3)
+    await until_metric(client, "credits_webhook_deliveries_pending 1.0")
     receiver.answer(200)
     [delivered] = await until_listed(client, lambda d: d[0]["status"] == "delivered")
     got = receiver.snapshot()
@@ -261,8 +263,33 @@ async def test_an_endpoint_answering_errors_is_retried_then_served_with_the_same
     # Each attempt is signed when sent, and verifies.
     assert all(r.verified for r in got)
     assert delivered["last_error"] == "HTTP 503"
-    metrics = (await client.get("/metrics")).text
+    metrics = await until_metric(client, "credits_webhook_deliveries_pending 0.0")
     assert 'credits_webhook_deliveries_total{outcome="retry"}' in metrics
+
+
+async def until_metric(client: httpx.AsyncClient, line: str) -> str:
+    """The metrics page, once it shows ``line``."""
+    async with asyncio.timeout(HANG_GUARD_SECONDS):
+        while True:
+            text = (await client.get("/metrics")).text
+            if line in text.splitlines():
+                return text
+            await asyncio.sleep(0.05)
+
+
+def test_attempts_wait_in_a_bounded_queue_and_the_rest_in_redis() -> None:
+    dispatcher = Dispatcher(
+        Outbox(CreditStore(fakeredis.FakeAsyncRedis()), [URL_A], keep=100),
+        [],
+        timeout_seconds=1,
+        retry_seconds=[1],
+        retry_window_seconds=10,
+        feature_costs={},
+        metrics=Metrics(),
+    )
+    ids = [f"{URL_A} msg_{i}" for i in range(QUEUE_SIZE + 5)]
+    assert dispatcher.submit(7, ids, fresh=True) is False
+    assert dispatcher.queue.qsize() == QUEUE_SIZE
 
 
 async def test_a_delivery_still_failing_after_the_retry_window_is_given_up(
