@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     #: Lapsed holds released per script call; more are released only when needed to fit.
     release_batch: Annotated[int, Field(ge=1, le=10_000)] = 100
     #: Events kept per coach and period (the newest ones).
-    events_max: Annotated[int, Field(ge=0, le=1_000_000)] = 10_000
+    events_max: Annotated[int, Field(ge=1, le=1000)] = 1000
     #: Live usage streams: how often each polls Redis, how long a quiet stream waits before
     #: a keep-alive comment, and how long a stream lives before the client reconnects.
     stream_poll_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0

@@ -24,8 +24,8 @@ DEFAULT_TTL_SECONDS: Final = 300
 #: replay never finds a record whose reservation is gone), and well inside 40 days.
 KEY_GRACE_SECONDS: Final = 48 * 3600
 
-#: Idempotency records are kept this long (the contract asks for at least 24 hours).
-IDEMPOTENCY_TTL_SECONDS: Final = 25 * 3600
+#: Idempotency records are kept this long, or until 1,000 newer ones exist for the coach.
+IDEMPOTENCY_TTL_SECONDS: Final = 24 * 3600
 
 COACH_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 IDEMPOTENCY_KEY_RE: Final = re.compile(r"[\x20-\x7e]{1,255}")

@@ -147,6 +147,21 @@ class CreditsExhausted(CreditsError):
         }
 
 
+class TooManyHolds(CreditsError):
+    """The coach already holds the most live reservations a coach may: the next waits
+    until one of them is settled or lapses."""
+
+    code = "too_many_holds"
+    title = "Too many reservations in progress"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            "This coach already has as many AI actions in progress as a coach may have at "
+            "once; commit or refund one, or retry when the earliest lapses."
+        )
+        self.retry_after = retry_after
+
+
 class BackendUnavailable(CreditsError):
     code = "backend_unavailable"
     title = "Credits backend unavailable"

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -38,7 +39,13 @@ from app.config import Settings
 from app.domain import Period
 from app.errors import CreditsExhausted
 from app.main import connect
-from app.store import CreditStore, ReserveItem, load_script_source, period_keys
+from app.store import (
+    CreditStore,
+    ReserveItem,
+    load_script_source,
+    period_keys,
+)
+from bench import memory
 from bench.floor_app import MINIMAL_SCRIPT
 from bench.procs import VENV_BIN, CpuMeter, ensure_tool
 from tests.support.cluster import LocalCluster
@@ -74,7 +81,8 @@ class Load:
     def of(cls, quick: bool) -> Load:
         if quick:
             return cls(1, 3_000, 1_000, 5_000, 1_000, 20, 10)
-        return cls(10, 200_000, 40_000, 1_000_000, 10_000, 100, 300)
+        # A coach holds at most 1,000 reservations, lapsed or not.
+        return cls(10, 200_000, 40_000, 1_000_000, 1_000, 100, 300)
 
 
 @dataclass
@@ -186,15 +194,14 @@ def redis_benchmark(
 def reserve_command(sha: str, *, coach: str, allowance: int, now: datetime) -> list[str]:
     """The reserve script as the store calls it, with a random token per call."""
     period = Period.containing(now)
-    keys = period_keys(coach, period)
+    keys = period_keys(coach, period)[:3]
     now_ms = domain.to_ms(now)
+    start = domain.to_ms(period.starts_at)
     return [
         "evalsha",
         sha,
-        "3",
-        keys.account,
-        keys.holds,
-        keys.events,
+        str(len(keys)),
+        *keys,
         str(now_ms),
         "tok__rand_int__",
         "checkin_draft",
@@ -205,7 +212,11 @@ def reserve_command(sha: str, *, coach: str, allowance: int, now: datetime) -> l
         str(domain.IDEMPOTENCY_TTL_SECONDS * 1000),
         str(period),
         "100",
-        "10000",
+        "1000",
+        "",
+        str(start),
+        f"{now_ms - start:x}",
+        f"{now_ms + 300_000 - start:x}",
     ]
 
 
@@ -213,12 +224,11 @@ def reserve_command(sha: str, *, coach: str, allowance: int, now: datetime) -> l
 #: no sweep, no idempotency): with reserve.lua's KEYS/ARGV, what its data alone costs.
 RESERVE_COMMANDS_ONLY: Final = """
 local account, holds, events = KEYS[1], KEYS[2], KEYS[3]
-redis.call('HMGET', account, 'used', 'held', 'seq', 'next')
-redis.call('HSET', account, 'r:' .. ARGV[2], 'h|' .. ARGV[4] .. '|' .. ARGV[5] .. '|' .. ARGV[3],
-  'held', 1, 'seq', 2)
-redis.call('ZADD', holds, ARGV[5], ARGV[2] .. ':' .. ARGV[4])
-redis.call('LPUSH', events,
-  '2|' .. ARGV[1] .. '|held|' .. ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[4])
+redis.call('HMGET', account, 'used', 'held', 'seq', 'next', 'live', 'recent', 'fc:' .. ARGV[3])
+redis.call('HSET', account, 'r:' .. ARGV[2], 'h' .. ARGV[4] .. '|' .. ARGV[15] .. '|1',
+  'held', 1, 'seq', 2, 'live', 1)
+redis.call('ZADD', holds, ARGV[5], ARGV[2])
+redis.call('LPUSH', events, 'h' .. ARGV[4] .. '|' .. ARGV[14] .. '|1|' .. ARGV[2])
 return {'OK', 0, 1, ARGV[2], 'h', 1, ARGV[5], ARGV[3], '', 0}
 """
 
@@ -820,22 +830,38 @@ POPULATE: Final = """
 local prefix, first, last, period = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 for i = first, last do
   local account = 'credits:{' .. prefix .. string.format('%012d', i) .. '}:' .. period .. ':account'
-  redis.call('HSET', account, 'used', 7, 'held', 0, 'seq', 3,
-    'r:a' .. i, 'c|3|1|trend_analysis', 'r:b' .. i, 'c|1|1|checkin_draft')
+  redis.call('HSET', account, 'used', 7, 'held', 0, 'seq', 3, 'recent', 2, 'codes', 2,
+    'fc:trend_analysis', 1, 'fn:1', 'trend_analysis', 'fc:checkin_draft', 2, 'fn:2',
+    'checkin_draft', 'r:a' .. i, 'c3|1|1|1', 'r:b' .. i, 'c1|1|2|2')
 end
 return last - first + 1
 """
 
+#: Reserve+refund cycles the abusive coach-month runs.
+ABUSIVE_CYCLES: Final = 20_000
+
+#: Reserves a one-coach run makes: under the 1,000 live holds a coach may have.
+ONE_COACH_CALLS: Final = 900
+
 LAPSED: Final = """
-local account, holds, n, expires = KEYS[1], KEYS[2], tonumber(ARGV[1]), ARGV[2]
+local account, holds, n, expires, offset = KEYS[1], KEYS[2], tonumber(ARGV[1]), ARGV[2], ARGV[3]
 for i = 1, n do
-  redis.call('HSET', account, 'r:lapsed' .. i, 'h|1|' .. expires .. '|checkin_draft')
-  redis.call('ZADD', holds, expires, 'lapsed' .. i .. ':1')
+  redis.call('HSET', account, 'r:lapsed' .. i, 'h1|' .. offset .. '|1')
+  redis.call('ZADD', holds, expires, 'lapsed' .. i)
 end
 redis.call('HINCRBY', account, 'held', n)
-redis.call('HSET', account, 'next', expires)
+redis.call('HINCRBY', account, 'live', n)
+redis.call('HSET', account, 'next', expires, 'codes', 1, 'fc:checkin_draft', 1,
+  'fn:1', 'checkin_draft')
 return n
 """
+
+
+def lapsed_args(load: Load, now: datetime) -> tuple[int, int, str]:
+    """LAPSED's ARGV: that many holds, lapsed a minute ago."""
+    lapsed_at = domain.to_ms(now - timedelta(seconds=60))
+    start = domain.to_ms(Period.containing(now).starts_at)
+    return load.lapsed_holds, lapsed_at, f"{lapsed_at - start:x}"
 
 
 async def bench_scaling(report: Report, redis: RedisProcess, load: Load) -> None:
@@ -853,8 +879,10 @@ async def bench_scaling(report: Report, redis: RedisProcess, load: Load) -> None
         return redis_benchmark(redis.port, DB_SCALE, n, *cmd)[0]
 
     def one_coach(coach: str, allowance: int) -> float:
+        # A coach holds at most 1,000 reservations at once: past that every call is a
+        # refusal, so one coach takes fewer calls than the random runs.
         cmd = reserve_command(sha, coach=coach, allowance=allowance, now=now)
-        return redis_benchmark(redis.port, DB_SCALE, n, *cmd)[0]
+        return redis_benchmark(redis.port, DB_SCALE, min(n, ONE_COACH_CALLS), *cmd)[0]
 
     first_run = random_coaches()
     await client.flushdb()
@@ -902,7 +930,7 @@ async def bench_scaling(report: Report, redis: RedisProcess, load: Load) -> None
     await client.flushdb()
     keys = period_keys("hot", Period.containing(now))
     lapsed_at = domain.to_ms(now - timedelta(seconds=60))
-    await client.eval(LAPSED, 2, keys.account, keys.holds, load.lapsed_holds, lapsed_at)
+    await client.eval(LAPSED, 2, keys.account, keys.holds, *lapsed_args(load, now))
     lapsed = report.add(
         "scale",
         f"reserve.lua, one coach with {load.lapsed_holds:,} lapsed holds",
@@ -918,13 +946,14 @@ async def bench_scaling(report: Report, redis: RedisProcess, load: Load) -> None
 
     # The worst single call: one that sweeps a full batch of lapsed holds.
     await client.flushdb()
-    await client.eval(LAPSED, 2, keys.account, keys.holds, load.lapsed_holds, lapsed_at)
-    argv = reserve_command(sha, coach="hot", allowance=10**9, now=now)[3:]  # keys, args
+    await client.eval(LAPSED, 2, keys.account, keys.holds, *lapsed_args(load, now))
+    command = reserve_command(sha, coach="hot", allowance=10**9, now=now)
+    argv = command[3:]  # keys, args
     timings = []
     for i in range(5):
         args = [a.replace("__rand_int__", f"w{i}") for a in argv]
         started = time.perf_counter()
-        await client.evalsha(sha, 3, *args)
+        await client.evalsha(sha, int(command[2]), *args)
         timings.append(time.perf_counter() - started)
     report.add(
         "scale",
@@ -965,6 +994,37 @@ async def bench_memory(report: Report, redis: RedisProcess) -> None:
     await store.usage("idle")
     idle = [k async for k in client.scan_iter(match="credits:{idle}:*")]
     report.add("memory", "an idle coach (usage read, nothing else)", len(idle), "keys", "0 bytes")
+
+    # Bytes per coach-month: a month of ordinary use, and one coach driven as hard as the
+    # batch calls go (what it keeps is bounded, whatever the volume).
+    when = [Period.containing(datetime.now(UTC)).resets_at + timedelta(hours=1)]
+
+    def advance(seconds: float) -> None:
+        when[0] += timedelta(seconds=seconds)
+
+    for with_keys in (False, True):
+        coach = f"{uuid.uuid4()}"
+        clocked = CreditStore(client, allowance=ALLOWANCE, clock=lambda: when[0])
+        await memory.ordinary_month(clocked, coach, advance, with_keys=with_keys)
+        report.add(
+            "memory",
+            "a coach-month of ordinary use (50 actions"
+            + (", each with an Idempotency-Key)" if with_keys else ")"),
+            sum((await memory.coach_bytes(client, coach)).values()),
+            "bytes",
+            "MEMORY USAGE over the coach's keys; bound " + ("12 KiB" if with_keys else "8 KiB"),
+        )
+        coach = f"{uuid.uuid4()}"
+        busy = CreditStore(client, allowance=10**6)
+        await memory.abusive_loop(busy, coach, cycles=ABUSIVE_CYCLES, with_keys=with_keys)
+        report.add(
+            "memory",
+            f"one coach after {ABUSIVE_CYCLES:,} reserve+refund cycles"
+            + (", each with an Idempotency-Key" if with_keys else ""),
+            sum((await memory.coach_bytes(client, coach)).values()),
+            "bytes",
+            "batch calls, 500 a batch; bound 512 KiB",
+        )
     await client.flushdb()
     await client.aclose()
 

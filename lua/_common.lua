@@ -1,14 +1,37 @@
 -- Shared helpers, prepended to every operation script when it is loaded.
 --
--- Key layout for one coach and one period (all in the slot of the hash tag {coach}):
---   account  HASH  used, held (credits), seq (last event number),
---                  next (ms: no hold expires before it; absent when there are no holds),
---                  r:<token> -> "<state>|<cost>|<expires_ms>|<feature>"
---                  state: h held, c committed, r refunded, e expired
---   holds    ZSET  "<token>:<cost>" scored by expires_ms, live holds only
---   events   LIST  "<seq>|<ms>|<kind>|<token>|<feature>|<cost>", newest first, bounded
---   (account) wh   the highest usage threshold (70, 90, 100) notified by webhook this
---                  period; written only while webhook endpoints are configured
+-- Key layout (all in the slot of the hash tag {coach}; docs/storage.md has the whole
+-- picture). Per coach and period:
+--   account      HASH  used, held (credits), seq (last event number),
+--                      next (ms: no hold expires before it; absent when there are no holds),
+--                      moved_at (seq when settled records last moved to settled:0),
+--                      archived (records in settled:0),
+--                      base_used, base_held (what the events trimmed off the log added up to),
+--                      wh (the highest usage threshold, 70, 90 or 100, notified by webhook
+--                      this period; written only while webhook endpoints are configured),
+--                      fc:<feature> -> code, fn:<code> -> feature, codes (codes given out),
+--                      r:<token> -> record
+--   holds        ZSET  <token> scored by expires_ms, live holds only
+--   events       LIST  event rows, newest first; the head is event number `seq`
+--   settled:0..2 HASH  <token> -> record: older settled reservations, GENERATION a hash,
+--                      settled:0 the newest
+-- Per coach:
+--   idem:0..2    HASH  <digest> -> idempotency record, GENERATION a hash; idem:0 also
+--                      holds '#', the number of the newest record
+--
+-- The formats, each defined here once (app/store/replies.py reads the same):
+--   record  "<state><cost>|<expires>|<code>", state h held, c committed, r refunded,
+--           e expired; "|<seq>" follows while a settled record is still in the account
+--           (the event number that settled it, which orders the move to settled:0)
+--   event   "<kind><cost>|<at>|<code>|<token>", kind as the state it led to (h c r e);
+--           its number is its place in the log counted down from `seq`
+--   Times in records and events are ms after the period starts, in hex (8 digits where
+--   13 decimal ones would do, and the caller writes them: Lua's number formatting costs
+--   as much as a Redis command).
+--   idem    "<period>|<token>|<n>|<ms>", n its number, ms when it was made; followed by
+--           "|<record>" once the reservation's own record was dropped
+-- A feature is stored as its code, given out per period on first use: names are up to 64
+-- characters and would otherwise dominate every record and event.
 --
 -- Every Redis command a script runs costs about as much as the script's own logic, so
 -- the common paths read the account in one HMGET and write it in one HSET, and `next`
@@ -17,32 +40,47 @@
 
 local unpack = unpack or table.unpack
 
+-- What a coach keeps is bounded (docs/storage.md, "Bounds").
+local MAX_LIVE = 1000 -- live holds per coach and period: the next is TOO_MANY_HOLDS
+local KEPT = 1000 -- settled records and idempotency records kept, the newest
+-- Records a settled:N or idem:N hash takes: Redis keeps a hash of up to 512 short
+-- entries as one compact listpack, about half the memory of a hash table.
+local GENERATION = 500
+-- Events after which the account's settled records move to settled:0 (each action logs
+-- two, so about 100 actions' records stay in the account); a reserve reports it due.
+local MOVE_EVERY = 200
+
 -- Credits this call returned from lapsed holds; every reply carries it last.
 local swept = 0
 
 -- When the period's keys expire (ms since epoch); set by every script that writes.
 local keys_expire_at
 
-local RECORD = '^(%a)|(%d+)|(%d+)|(.*)$'
+-- When the period starts (ms since epoch, a number); set by every script that reads
+-- a record's time.
+local base = 0
+
+local RECORD = '^(%a)(%d+)|(%x+)|([^|]*)|?(%d*)$'
 
 -- The two formats every writer shares, defined on every call (two closures cost far
 -- less than the whole helper set, which reserve's common path does without).
 -- Lua turns numbers into text with sprintf, as costly as a Redis command here: records
 -- and events are built from text the caller sent or the record already holds.
-local function record(state, cost, expires, feature)
-  return state .. '|' .. cost .. '|' .. expires .. '|' .. feature
+local function record(state, cost, expires, code)
+  return state .. cost .. '|' .. expires .. '|' .. code
 end
 
-local function event_line(seq, ms, kind, token, feature, cost)
-  return seq .. '|' .. ms .. '|' .. kind .. '|' .. token .. '|' .. feature .. '|' .. cost
+local function event_line(kind, cost, ms, code, token)
+  return kind .. cost .. '|' .. ms .. '|' .. code .. '|' .. token
 end
 
 -- The helpers, defined by define_helpers(). Lua makes a new closure for every function
 -- a script defines, on every call: for these that cost about as much as a Redis
 -- command, and reserve's common path needs none of them, so a script defines them only
 -- when it needs them (reserve: only off its common path).
-local num, parse_record, counters, sweep_due, push_event, log_event
-local expire_hold, release_lapsed, effective_held, settle_target, settle_hold, settle_reply
+local num, parse_record, counters, sweep_due, find_record, feature_name, new_code
+local trim_log, push_events, expire_holds, release_lapsed, effective_held
+local settle_target, settle_hold, settle_reply, move_settled, idem_find, idem_write
 local outbox_record
 
 local function define_helpers()
@@ -53,12 +91,18 @@ local function define_helpers()
     return tonumber(v) or 0
   end
 
+  -- state, cost, expires (numbers, expires in ms since epoch), code, the settling
+  -- event's number (nil unless the record is settled and still in the account), and
+  -- cost and expires as stored.
   function parse_record(rec)
-    local state, cost, expires, feature = string.match(rec, RECORD)
-    return state, tonumber(cost), tonumber(expires), feature
+    local state, cost, expires, code, seq = string.match(rec, RECORD)
+    if not state then
+      return nil
+    end
+    return state, tonumber(cost), base + tonumber(expires, 16), code, tonumber(seq), cost, expires
   end
 
-  -- The account's counters: used, held, seq, next (nil without holds) and whether the
+  -- The account's counters: used, held, seq, next (nil without holds), and whether the
   -- hash exists (held is written with its first hold and never removed).
   function counters(account)
     local used, held, seq, nxt = unpack(redis.call('HMGET', account, 'used', 'held', 'seq', 'next'))
@@ -66,139 +110,345 @@ local function define_helpers()
   end
 
   -- Whether some hold may have lapsed by `now`. Held credits include lapsed holds not yet
-  -- released, so none held means no holds at all, whatever `next` says. Without `next`
-  -- but with credits held (an account written before `next` existed) the holds are
-  -- looked at, which sets it.
+  -- released, so none held means no holds at all, whatever `next` says.
   function sweep_due(held, nxt, now)
     return held > 0 and (nxt == nil or nxt <= now)
   end
 
-  -- Pushes event number `seq` (already counted in the account's seq by the caller).
-  function push_event(events, events_max, seq, ms, kind, token, feature, cost)
-    local n = redis.call('LPUSH', events, event_line(seq, ms, kind, token, feature, cost))
-    if n == 1 then
+  -- A reservation's record wherever it is kept: the account, else the settled
+  -- generations (KEYS settled:0..2 in `settled`).
+  function find_record(account, settled, token)
+    local rec = redis.call('HGET', account, 'r:' .. token)
+    for i = 1, 3 do
+      if rec then
+        return rec
+      end
+      rec = redis.call('HGET', settled[i], token)
+    end
+    return rec
+  end
+
+  function feature_name(account, code)
+    return redis.call('HGET', account, 'fn:' .. code) or ''
+  end
+
+  -- The code for a feature first used in this period, and the fields that record it.
+  function new_code(account, feature)
+    local code = tostring(redis.call('HINCRBY', account, 'codes', 1))
+    return code, {'fc:' .. feature, code, 'fn:' .. code, feature}
+  end
+
+  -- Keeps the log at `events_max` rows once a push made it `n` long: the rows that fall
+  -- off go into the baseline, so the kept rows replayed on it still give used and held.
+  function trim_log(account, events, n, events_max)
+    local rows = redis.call('RPOP', events, n - events_max)
+    local used, held = 0, 0
+    for _, row in ipairs(rows) do
+      local kind, cost = string.match(row, '^(%a)(%d+)|')
+      cost = num(cost)
+      if kind == 'h' then
+        held = held + cost
+      elseif kind == 'c' then
+        held, used = held - cost, used + cost
+      elseif kind then -- r, e: the credits came back
+        held = held - cost
+      end
+    end
+    if used ~= 0 then
+      redis.call('HINCRBY', account, 'base_used', used)
+    end
+    if held ~= 0 then
+      redis.call('HINCRBY', account, 'base_held', held)
+    end
+  end
+
+  -- Pushes rows (oldest first; their numbers already counted in the account's seq).
+  function push_events(account, events, events_max, rows)
+    local n = redis.call('LPUSH', events, unpack(rows))
+    if n == #rows then
       redis.call('PEXPIREAT', events, keys_expire_at)
-    elseif n > events_max then
-      redis.call('LTRIM', events, 0, events_max - 1)
+    end
+    if n > events_max then
+      trim_log(account, events, n, events_max)
     end
   end
 
-  function log_event(account, events, events_max, ms, kind, token, feature, cost)
-    if events_max > 0 then
-      push_event(events, events_max, redis.call('HINCRBY', account, 'seq', 1), ms, kind, token, feature, cost)
+  -- Turns lapsed holds into expired reservations and returns their credits, in one
+  -- write of the account. `lapsed` lists {token, cost_text, expires_text, code}; `t`
+  -- holds the counters (held, seq), which are updated; `extra` are more account fields
+  -- to write along (`next`).
+  function expire_holds(account, holds, events, events_max, lapsed, t, extra)
+    local fields, members, rows = {}, {}, {}
+    for _, h in ipairs(lapsed) do
+      local token, cost_text, expires_text, code = h[1], h[2], h[3], h[4]
+      t.seq = t.seq + 1
+      fields[#fields + 1] = 'r:' .. token
+      fields[#fields + 1] = record('e', cost_text, expires_text, code) .. '|' .. t.seq
+      members[#members + 1] = token
+      rows[#rows + 1] = event_line('e', cost_text, expires_text, code, token)
+      t.held = t.held - tonumber(cost_text)
+      swept = swept + tonumber(cost_text)
     end
-  end
-
-  -- Turns one lapsed hold into an expired reservation and returns its credits.
-  function expire_hold(account, holds, events, events_max, token, cost, expires, feature)
-    redis.call('HSET', account, 'r:' .. token, record('e', cost, expires, feature))
-    redis.call('HINCRBY', account, 'held', -cost)
-    redis.call('ZREM', holds, token .. ':' .. cost)
-    log_event(account, events, events_max, expires, 'expired', token, feature, cost)
-    swept = swept + cost
+    for _, v in ipairs(extra or {}) do
+      fields[#fields + 1] = v
+    end
+    local k = #fields
+    fields[k + 1], fields[k + 2], fields[k + 3], fields[k + 4] = 'held', t.held, 'seq', t.seq
+    redis.call('HSET', account, unpack(fields))
+    redis.call('ZREM', holds, unpack(members))
+    push_events(account, events, events_max, rows)
   end
 
   -- Releases at most `limit` holds whose expiry is at or before `now`, and moves `next`
-  -- (now `nxt`) to the earliest hold left. Returns how many it released, so a caller can
-  -- tell whether more may remain.
-  function release_lapsed(account, holds, events, events_max, now, limit, nxt)
+  -- to the earliest hold left. Returns how many it released, so a caller can tell
+  -- whether more may remain.
+  function release_lapsed(account, holds, events, events_max, now, limit)
     local rows = redis.call('ZRANGE', holds, 0, limit, 'WITHSCORES')
-    local released, i = 0, 1
-    while rows[i] and released < limit and tonumber(rows[i + 1]) <= now do
-      local member = rows[i]
-      local token = string.match(member, '^(.*):%d+$')
-      local rec = redis.call('HGET', account, 'r:' .. token)
-      local state, cost, expires, feature
-      if rec then
-        state, cost, expires, feature = parse_record(rec)
-      end
-      if state == 'h' then
-        expire_hold(account, holds, events, events_max, token, cost, expires, feature)
-      else
-        redis.call('ZREM', holds, member)
-      end
-      released = released + 1
+    local members, i = {}, 1
+    while rows[i] and #members < limit and tonumber(rows[i + 1]) <= now do
+      members[#members + 1] = rows[i]
       i = i + 2
     end
-    local earliest = tonumber(rows[i + 1])
-    if earliest ~= nxt then
+    local earliest = rows[i + 1]
+    local next_field = earliest and {'next', earliest} or nil
+    if #members == 0 then
       if earliest then
-        redis.call('HSET', account, 'next', rows[i + 1])
+        redis.call('HSET', account, 'next', earliest)
       else
         redis.call('HDEL', account, 'next')
       end
+      return 0
     end
-    return released
+    local names = {}
+    for j, member in ipairs(members) do
+      names[j] = 'r:' .. member
+    end
+    local n = #names
+    names[n + 1], names[n + 2] = 'held', 'seq'
+    local got = redis.call('HMGET', account, unpack(names))
+    local t = {held = num(got[n + 1]), seq = num(got[n + 2])}
+    local lapsed, stray = {}, {}
+    for j, member in ipairs(members) do
+      local rec = got[j]
+      local state, cost, expires, code
+      if rec then
+        state, cost, expires, code = string.match(rec, RECORD)
+      end
+      if state == 'h' then
+        lapsed[#lapsed + 1] = {string.sub(names[j], 3), cost, expires, code}
+      else
+        stray[#stray + 1] = member
+      end
+    end
+    if #stray > 0 then
+      redis.call('ZREM', holds, unpack(stray))
+    end
+    if #lapsed > 0 then
+      expire_holds(account, holds, events, events_max, lapsed, t, next_field)
+    end
+    if not earliest then
+      redis.call('HDEL', account, 'next')
+    elseif #lapsed == 0 then
+      redis.call('HSET', account, 'next', earliest)
+    end
+    return #members
   end
 
   -- Held credits as of `now` without writing anything: lapsed holds no longer count.
-  function effective_held(holds, now, held, nxt)
+  function effective_held(account, holds, now, held, nxt)
     if not sweep_due(held, nxt, now) then
       return held
     end
     local lapsed = redis.call('ZRANGEBYSCORE', holds, '-inf', now)
-    for _, member in ipairs(lapsed) do
-      held = held - num(string.match(member, ':(%d+)$'))
+    if #lapsed == 0 then
+      return held
+    end
+    for i, token in ipairs(lapsed) do
+      lapsed[i] = 'r:' .. token
+    end
+    for _, rec in ipairs(redis.call('HMGET', account, unpack(lapsed))) do
+      if rec then
+        held = held - num(string.match(rec, '^%a(%d+)|'))
+      end
     end
     return held
   end
 
-  -- The settle script's prologue: the hold's record and the account's counters
+  -- The settle script's prologue: the reservation's record and the account's counters
   -- once this call has released lapsed holds, its own included. Returns nil, writing
   -- nothing, for an unknown token.
-  function settle_target(account, holds, events, events_max, now, token, batch)
+  function settle_target(account, holds, events, settled, events_max, now, token, batch)
     local field = 'r:' .. token
-    local rec, used, held, seq, nxt = unpack(redis.call('HMGET', account, field, 'used', 'held', 'seq', 'next'))
+    local rec, used, held, seq, nxt =
+      unpack(redis.call('HMGET', account, field, 'used', 'held', 'seq', 'next'))
     if not rec then
-      return nil
-    end
-    local prior = parse_record(rec)
-    used, held, seq, nxt = num(used), num(held), num(seq), tonumber(nxt)
-    if sweep_due(held, nxt, now) then
-      release_lapsed(account, holds, events, events_max, now, batch, nxt)
-      rec, held, seq = unpack(redis.call('HMGET', account, field, 'held', 'seq'))
-      held, seq = num(held), num(seq)
-    end
-    local state, cost_text, expires_text, feature = string.match(rec, RECORD)
-    local cost, expires = tonumber(cost_text), tonumber(expires_text)
-    if state == 'h' and expires <= now then
-      expire_hold(account, holds, events, events_max, token, cost, expires, feature)
-      state, held = 'e', held - cost
-      if events_max > 0 then
-        seq = seq + 1
+      rec = find_record(account, settled, token)
+      if not rec then
+        return nil
       end
     end
-    return {prior = prior, state = state, cost = cost, expires = expires, feature = feature,
-            used = used, held = held, seq = seq, cost_text = cost_text, expires_text = expires_text}
+    if not string.match(rec, RECORD) then
+      return nil -- not a record this version wrote
+    end
+    local prior = string.sub(rec, 1, 1)
+    local t = {used = num(used), held = num(held), seq = num(seq)}
+    if sweep_due(t.held, tonumber(nxt), now) then
+      release_lapsed(account, holds, events, events_max, now, batch)
+      local again = redis.call('HMGET', account, field, 'held', 'seq')
+      rec = again[1] or rec
+      t.held, t.seq = num(again[2]), num(again[3])
+    end
+    local state, cost, expires, code, _, cost_text, expires_text = parse_record(rec)
+    t.prior, t.state, t.code = prior, state, code
+    t.cost, t.expires = cost, expires
+    t.cost_text, t.expires_text = cost_text, expires_text
+    if state == 'h' and t.expires <= now then
+      expire_holds(account, holds, events, events_max, {{token, cost_text, expires_text, code}}, t)
+      t.state = 'e'
+    end
+    return t
   end
 
-  -- A live hold leaves the holds, settled as `state` (c or r) and logged as `kind` at
+  -- A live hold leaves the holds, settled as `state` (c or r) and logged as such at
   -- `now` (ms, as text); a commit also adds its cost to used. Updates `t` (from
   -- settle_target) to match.
-  function settle_hold(account, holds, events, events_max, now, token, t, state, kind)
+  function settle_hold(account, holds, events, events_max, now, token, t, state)
     local cost = t.cost_text
-    t.held = t.held - t.cost
-    local fields = {'r:' .. token, record(state, cost, t.expires_text, t.feature), 'held', t.held}
+    t.held, t.seq = t.held - t.cost, t.seq + 1
+    local fields = {
+      'r:' .. token, record(state, cost, t.expires_text, t.code) .. '|' .. t.seq,
+      'held', t.held, 'seq', t.seq,
+    }
     if state == 'c' then
       t.used = t.used + t.cost
-      fields[5], fields[6] = 'used', t.used
-    end
-    if events_max > 0 then
-      t.seq = t.seq + 1
-      local n = #fields
-      fields[n + 1], fields[n + 2] = 'seq', t.seq
+      fields[7], fields[8] = 'used', t.used
     end
     redis.call('HSET', account, unpack(fields))
-    redis.call('ZREM', holds, token .. ':' .. cost)
-    if events_max > 0 then
-      push_event(events, events_max, t.seq, now, kind, token, t.feature, cost)
-    end
+    redis.call('ZREM', holds, token)
+    push_events(account, events, events_max, {event_line(state, cost, now, t.code, token)})
     t.state = state
   end
 
-  function settle_reply(outcome, token, t)
+  function settle_reply(account, outcome, token, t)
     local again = t.prior ~= 'h' and 'again' or ''
-    return {outcome, t.used, t.held, token, t.state, t.cost, t.expires, t.feature, again, swept}
+    return {outcome, t.used, t.held, token, t.state, t.cost, t.expires,
+            feature_name(account, t.code), again, swept}
+  end
+
+  -- Before dropping the oldest settled records, writes each one's final state into the
+  -- idempotency record that still names it, so a replay of that key keeps answering
+  -- with the reservation instead of holding again.
+  local function keep_final_states(idem, period, dropped)
+    local by_token = {}
+    for i = 1, #dropped, 2 do
+      by_token[dropped[i]] = dropped[i + 1]
+    end
+    for _, key in ipairs(idem) do
+      local all = redis.call('HGETALL', key)
+      for i = 1, #all, 2 do
+        local value = all[i + 1]
+        local p, token = string.match(value, '^([^|]*)|([^|]*)|%d+|%d+$')
+        if p == period and by_token[token] then
+          redis.call('HSET', key, all[i], value .. '|' .. by_token[token])
+        end
+      end
+    end
+  end
+
+  -- settled:0 is full: the oldest generation goes, the others move up one.
+  local function rotate_settled(settled, idem, period)
+    local dropped = redis.call('HGETALL', settled[3])
+    if #dropped > 0 then
+      keep_final_states(idem, period, dropped)
+      redis.call('DEL', settled[3])
+    end
+    if redis.call('EXISTS', settled[2]) == 1 then
+      redis.call('RENAME', settled[2], settled[3])
+    end
+    redis.call('RENAME', settled[1], settled[2])
+  end
+
+  -- Moves the settled records out of the account into settled:0, oldest first, a new
+  -- generation every GENERATION records: the newest KEPT or more stay findable, older
+  -- ones are dropped. Runs every MOVE_EVERY events (move.lua), so each record is moved
+  -- once and dropped once, and the account is read once per MOVE_EVERY events: O(1)
+  -- amortised.
+  function move_settled(account, settled, idem, period, seq)
+    local all = redis.call('HGETALL', account)
+    local moving = {}
+    local archived = 0
+    for i = 1, #all, 2 do
+      local field = all[i]
+      if string.sub(field, 1, 2) == 'r:' then
+        local state, cost, expires, code, seq = string.match(all[i + 1], RECORD)
+        if state and state ~= 'h' then
+          moving[#moving + 1] = {tonumber(seq) or 0, field, record(state, cost, expires, code)}
+        end
+      elseif field == 'archived' then
+        archived = tonumber(all[i + 1])
+      end
+    end
+    table.sort(moving, function(a, b) return a[1] < b[1] end)
+    local batch, gone = {}, {}
+    local function flush()
+      if #batch > 0 then
+        redis.call('HSET', settled[1], unpack(batch))
+        redis.call('PEXPIREAT', settled[1], keys_expire_at)
+        batch = {}
+      end
+    end
+    for _, m in ipairs(moving) do
+      if archived >= GENERATION then
+        flush()
+        rotate_settled(settled, idem, period)
+        archived = 0
+      end
+      batch[#batch + 1] = string.sub(m[2], 3)
+      batch[#batch + 1] = m[3]
+      gone[#gone + 1] = m[2]
+      archived = archived + 1
+    end
+    flush()
+    if #gone > 0 then
+      redis.call('HDEL', account, unpack(gone))
+    end
+    redis.call('HSET', account, 'moved_at', seq, 'archived', archived)
+  end
+
+  -- The live idempotency record for `digest` (KEYS idem:0..2 in `idem`): the number of
+  -- the newest record, then, when it is live (younger than `ttl` ms, fewer than KEPT
+  -- newer), its period, token and the reservation's final record ('' while kept).
+  function idem_find(idem, digest, now, ttl)
+    local got = redis.call('HMGET', idem[1], '#', digest)
+    local last, value = num(got[1]), got[2]
+    if not value and last > GENERATION then
+      value = redis.call('HGET', idem[2], digest)
+      if not value and last > 2 * GENERATION then
+        value = redis.call('HGET', idem[3], digest)
+      end
+    end
+    if value then
+      local period, token, n, at, final = string.match(value, '^([^|]*)|([^|]*)|(%d+)|(%d+)|?(.*)$')
+      if last - tonumber(n) < KEPT and now - tonumber(at) < ttl then
+        return last, period, token, final
+      end
+    end
+    return last
+  end
+
+  -- A new record after the one numbered `last`; idem:0 lives `ttl` ms past its last write,
+  -- the older generations less, as everything in them is older.
+  function idem_write(idem, digest, value, last, now_text, ttl)
+    if last > 0 and last % GENERATION == 0 then
+      redis.call('DEL', idem[3])
+      if redis.call('EXISTS', idem[2]) == 1 then
+        redis.call('RENAME', idem[2], idem[3])
+      end
+      redis.call('RENAME', idem[1], idem[2])
+    end
+    local n = last + 1
+    redis.call('HSET', idem[1], digest, value .. '|' .. n .. '|' .. now_text, '#', n)
+    redis.call('PEXPIRE', idem[1], ttl)
   end
 
   -- Threshold webhooks: records one delivery per endpoint (`urls`, space-separated)

@@ -7,26 +7,23 @@
 -- ARGV[3] limit: events per page
 --
 -- Reply: {status, used, held, token, state, cost, expires_ms, feature, extra, swept,
---         event, event, ...}
+--         baseline, seq, event, feature, seq, event, feature, ...}
 --   swept: credits this call returned from lapsed holds (their expiry)
 --   OK   used and held as of now (lapsed holds no longer count as held); extra = the
---        seq to pass as `before` for the next page, or '' on the last page; then up to
---        `limit` events "<seq>|<ms>|<kind>|<token>|<feature>|<cost>", newest first
+--        seq to pass as `before` for the next page, or '' on the last page; baseline =
+--        "<used>|<held>" that the events trimmed off the log added up to; then up to
+--        `limit` events, newest first, each as its number, its row and its feature
 local account, holds, events = KEYS[1], KEYS[2], KEYS[3]
 local now, before, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 define_helpers()
 
-local used, held, _, nxt = counters(account)
-local reply = {'OK', used, effective_held(holds, now, held, nxt), '', '', 0, 0, '', '', swept}
-
-local head = redis.call('LINDEX', events, 0)
-if not head then
-  return reply
-end
+local used, held, top, nxt = counters(account)
+local base = redis.call('HMGET', account, 'base_used', 'base_held')
+local reply = {'OK', used, effective_held(account, holds, now, held, nxt), '', '', 0, 0, '', '', swept,
+               num(base[1]) .. '|' .. num(base[2])}
 -- Every event takes the next seq in the same call that pushes it, so the list holds
--- consecutive seqs from the head down: the page start is an index, found in O(1)
--- instead of by walking the list.
-local top = tonumber(string.match(head, '^(%d+)|'))
+-- consecutive seqs from `seq` at the head down: the page start is an index, found in
+-- O(1) instead of by walking the list.
 local start = 0
 if before > 0 then
   if before <= 1 then
@@ -35,16 +32,17 @@ if before > 0 then
   start = math.max(0, top - before + 1)
 end
 local rows = redis.call('LRANGE', events, start, start + limit)
-local count = 0
-for _, row in ipairs(rows) do
-  local seq = tonumber(string.match(row, '^(%d+)|'))
-  if before <= 0 or seq < before then
-    if count == limit then
-      reply[9] = tostring(num(string.match(reply[#reply], '^(%d+)|')))
-      break
-    end
-    reply[#reply + 1] = row
-    count = count + 1
+local names = {}
+for i, row in ipairs(rows) do
+  if i > limit then
+    reply[9] = tostring(top - start - limit + 1)
+    break
   end
+  local code = string.match(row, '^%a%d+|%x+|([^|]*)|')
+  if code and not names[code] then
+    names[code] = feature_name(account, code)
+  end
+  local n = #reply
+  reply[n + 1], reply[n + 2], reply[n + 3] = top - start - i + 1, row, names[code] or ''
 end
 return reply

@@ -10,4 +10,4 @@ local account, holds = KEYS[1], KEYS[2]
 local now = tonumber(ARGV[1])
 define_helpers()
 local used, held, _, nxt = counters(account)
-return {'OK', used, effective_held(holds, now, held, nxt), '', '', 0, 0, '', '', swept}
+return {'OK', used, effective_held(account, holds, now, held, nxt), '', '', 0, 0, '', '', swept}

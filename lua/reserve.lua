@@ -1,70 +1,87 @@
 -- reserve: hold `cost` credits for one coach in one period, if they fit.
 --
 -- KEYS[1] account hash     KEYS[2] holds zset     KEYS[3] events list
--- KEYS[4] idempotency record (optional; absent when the caller sent no key)
+-- with an idempotency key only (ARGV[12]):
+-- KEYS[4..6] settled:0..2 hashes (the period's older settled records)
+-- KEYS[7..9] idem:0..2 hashes (the coach's idempotency records)
 -- ARGV[1] now (ms since epoch)         ARGV[2] token of the new hold
 -- ARGV[3] feature                      ARGV[4] cost (credits)
 -- ARGV[5] hold expires at (ms)         ARGV[6] allowance (credits per period)
 -- ARGV[7] period keys expire at (ms)   ARGV[8] idempotency record TTL (ms)
 -- ARGV[9] period (YYYY-MM)             ARGV[10] lapsed holds released per call
--- ARGV[11] events kept per period
+-- ARGV[11] events kept per period      ARGV[12] idempotency digest ('' without a key)
+-- ARGV[13] period starts at (ms)       ARGV[14] now, ARGV[15] hold expires at: both in
+--                                      ms after the period starts, in hex
 --
 -- Reply: {status, used, held, token, state, cost, expires_ms, feature, extra, swept}
 --   swept: credits this call returned from lapsed holds (their expiry)
---   OK              the hold was made
+--   OK              the hold was made; extra = 'move' when the period's settled records
+--                   are due to move out of the account (the caller runs move.lua)
 --   REPLAY          the idempotency key was seen: the existing reservation, held again never
---   REPLAY_ELSEWHERE  seen, but its reservation lives in period `extra`
---   IDEM_REUSED     the key was used for another feature
+--   REPLAY_ELSEWHERE  seen, but its reservation lives in period `extra`; feature = its
+--                   final record if that was dropped ('' otherwise)
+--   IDEM_REUSED     the key was used for another feature (`feature`)
 --   EXHAUSTED       it does not fit; extra = earliest live hold expiry (ms) or 0
-local account, holds, events, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+--   TOO_MANY_HOLDS  MAX_LIVE holds are live; extra = the earliest one's expiry (ms)
+local account, holds, events = KEYS[1], KEYS[2], KEYS[3]
 local now = tonumber(ARGV[1])
 local token, feature, cost = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local expires, allowance = tonumber(ARGV[5]), tonumber(ARGV[6])
-local idem_ttl, period = ARGV[8], ARGV[9]
+local period, digest = ARGV[9], ARGV[12]
 local batch, events_max = tonumber(ARGV[10]), tonumber(ARGV[11])
 keys_expire_at = ARGV[7]
+base = tonumber(ARGV[13])
 
--- The common path (no lapsed hold, no idempotency key, credits left) is written out
--- with no helper: defining them costs more than the checks (see define_helpers).
-local got = redis.call('HMGET', account, 'used', 'held', 'seq', 'next')
+-- The common path (no lapsed hold, no idempotency key, credits left, a feature already
+-- used this period) is written out with no helper: defining them costs more than the
+-- checks (see define_helpers).
+local got = redis.call('HMGET', account, 'used', 'held', 'seq', 'next', 'moved_at', 'fc:' .. feature)
 local used, held, seq, nxt = tonumber(got[1]) or 0, tonumber(got[2]) or 0, tonumber(got[3]) or 0, tonumber(got[4])
+local moved_at, code = tonumber(got[5]) or 0, got[6]
 -- held is written with the first hold and never removed: it tells whether the hash exists.
 local exists = got[2] ~= false
 if held > 0 and (nxt == nil or nxt <= now) then -- some hold may have lapsed (sweep_due)
   define_helpers()
-  release_lapsed(account, holds, events, events_max, now, batch, nxt)
+  release_lapsed(account, holds, events, events_max, now, batch)
   used, held, seq, nxt, exists = counters(account)
 end
 
-if idem then
-  local seen = redis.call('GET', idem)
-  if seen then
-    define_helpers()
-    local seen_feature, seen_period, seen_token = string.match(seen, '^(.*)|(.*)|(.*)$')
-    if seen_feature ~= feature then
-      return {'IDEM_REUSED', 0, 0, seen_token, '', 0, 0, seen_feature, '', swept}
-    end
-    if seen_period ~= period then
-      return {'REPLAY_ELSEWHERE', 0, 0, seen_token, '', 0, 0, seen_feature, seen_period, swept}
-    end
-    local rec = redis.call('HGET', account, 'r:' .. seen_token)
-    if rec then
-      local state, c, e, f = parse_record(rec)
-      if state == 'h' and e <= now then
-        expire_hold(account, holds, events, events_max, seen_token, c, e, f)
-        state, held = 'e', held - c
-      end
-      return {'REPLAY', used, held, seen_token, state, c, e, f, '', swept}
-    end
-    -- The record is gone with its period: fall through and hold afresh.
+local idem, last_idem
+if digest ~= '' then
+  define_helpers()
+  idem = {KEYS[7], KEYS[8], KEYS[9]}
+  local seen_period, seen_token, final
+  last_idem, seen_period, seen_token, final = idem_find(idem, digest, now, tonumber(ARGV[8]))
+  if seen_token and seen_period ~= period then
+    return {'REPLAY_ELSEWHERE', 0, 0, seen_token, '', 0, 0, final, seen_period, swept}
   end
+  local rec = seen_token and find_record(account, {KEYS[4], KEYS[5], KEYS[6]}, seen_token)
+  if seen_token and not rec and final ~= '' then
+    rec = final
+  end
+  local state, c, e, seen_code, c_text, e_text, _
+  if rec then
+    state, c, e, seen_code, _, c_text, e_text = parse_record(rec)
+  end
+  if state then
+    if seen_code ~= code then
+      return {'IDEM_REUSED', 0, 0, seen_token, '', 0, 0, feature_name(account, seen_code), '', swept}
+    end
+    if state == 'h' and e <= now then
+      local t = {held = held, seq = seq}
+      expire_holds(account, holds, events, events_max, {{seen_token, c_text, e_text, seen_code}}, t)
+      state, held = 'e', t.held
+    end
+    return {'REPLAY', used, held, seen_token, state, c, e, feature, '', swept}
+  end
+  -- No live record, or its reservation is gone with its period: hold afresh.
 end
 
 if used + held + cost > allowance then
   define_helpers()
   -- Only near exhaustion is it worth releasing beyond one batch: a refusal must be real.
   while used + held + cost > allowance and sweep_due(held, nxt, now)
-    and release_lapsed(account, holds, events, events_max, now, batch, nxt) > 0 do
+    and release_lapsed(account, holds, events, events_max, now, batch) > 0 do
     used, held, seq, nxt, exists = counters(account)
   end
   if used + held + cost > allowance then
@@ -73,22 +90,45 @@ if used + held + cost > allowance then
   end
 end
 
+-- Every hold costs a credit or more, so only with MAX_LIVE credits held can that many
+-- holds be live: only then are they counted.
+if held >= MAX_LIVE and redis.call('ZCARD', holds) >= MAX_LIVE then
+  define_helpers()
+  while sweep_due(held, nxt, now) and release_lapsed(account, holds, events, events_max, now, batch) > 0 do
+    used, held, seq, nxt, exists = counters(account)
+    if redis.call('ZCARD', holds) < MAX_LIVE then
+      break
+    end
+  end
+  if redis.call('ZCARD', holds) >= MAX_LIVE then
+    local first = redis.call('ZRANGE', holds, 0, 0, 'WITHSCORES')
+    return {'TOO_MANY_HOLDS', used, held, '', '', cost, 0, feature, first[2] or '0', swept}
+  end
+end
+
 -- The hold, the new counters, `next` and the event number in one write.
-local rec = record('h', ARGV[4], ARGV[5], feature)
+seq = seq + 1
 local moves_next = held == 0 or not nxt or expires < nxt
-if events_max > 0 then
-  seq = seq + 1
+if code then
+  local rec = record('h', ARGV[4], ARGV[15], code)
   if moves_next then
     redis.call('HSET', account, 'r:' .. token, rec, 'held', held + cost, 'seq', seq, 'next', ARGV[5])
   else
     redis.call('HSET', account, 'r:' .. token, rec, 'held', held + cost, 'seq', seq)
   end
-elseif moves_next then
-  redis.call('HSET', account, 'r:' .. token, rec, 'held', held + cost, 'next', ARGV[5])
 else
-  redis.call('HSET', account, 'r:' .. token, rec, 'held', held + cost)
+  define_helpers()
+  local fields
+  code, fields = new_code(account, feature)
+  local n = #fields
+  fields[n + 1], fields[n + 2] = 'r:' .. token, record('h', ARGV[4], ARGV[15], code)
+  fields[n + 3], fields[n + 4], fields[n + 5], fields[n + 6] = 'held', held + cost, 'seq', seq
+  if moves_next then
+    fields[n + 7], fields[n + 8] = 'next', ARGV[5]
+  end
+  redis.call('HSET', account, unpack(fields))
 end
-redis.call('ZADD', holds, ARGV[5], token .. ':' .. ARGV[4])
+redis.call('ZADD', holds, ARGV[5], token)
 if not exists then
   redis.call('PEXPIREAT', account, keys_expire_at)
 end
@@ -96,16 +136,18 @@ if held == 0 or not nxt then
   -- No credits held (or no `next`): the holds were empty, so ZADD just created them.
   redis.call('PEXPIREAT', holds, keys_expire_at)
 end
-if events_max > 0 then
-  -- push_event, written out.
-  local n = redis.call('LPUSH', events, event_line(seq, ARGV[1], 'held', token, feature, ARGV[4]))
-  if n == 1 then
-    redis.call('PEXPIREAT', events, keys_expire_at)
-  elseif n > events_max then
-    redis.call('LTRIM', events, 0, events_max - 1)
-  end
+-- push_events, written out.
+local n = redis.call('LPUSH', events, event_line('h', ARGV[4], ARGV[14], code, token))
+if n == 1 then
+  redis.call('PEXPIREAT', events, keys_expire_at)
+elseif n > events_max then
+  define_helpers()
+  trim_log(account, events, n, events_max)
 end
 if idem then
-  redis.call('SET', idem, feature .. '|' .. period .. '|' .. token, 'PX', idem_ttl)
+  idem_write(idem, digest, period .. '|' .. token, last_idem, ARGV[1], tonumber(ARGV[8]))
 end
-return {'OK', used, held + cost, token, 'h', cost, expires, feature, '', swept}
+-- The move reads the whole account and needs six more keys: it runs as its own call,
+-- once every MOVE_EVERY events, so this one stays short.
+local due = seq - moved_at >= MOVE_EVERY and 'move' or ''
+return {'OK', used, held + cost, token, 'h', cost, expires, feature, due, swept}

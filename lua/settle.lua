@@ -2,14 +2,16 @@
 -- a settlement changes nothing.
 --
 -- KEYS[1] account hash     KEYS[2] holds zset     KEYS[3] events list
+-- KEYS[4..6] settled:0..2 hashes (the period's older settled records)
 -- ARGV[1] now (ms since epoch)   ARGV[2] token of the hold
 -- ARGV[3] lapsed holds released per call   ARGV[4] events kept per period
 -- ARGV[5] period keys expire at (ms)       ARGV[6] action: 'commit' or 'refund'
+-- ARGV[7] period starts at (ms)            ARGV[8] now, in ms after the period starts, in hex
 -- Threshold webhooks, on commits only and only while endpoints are configured:
--- KEYS[4] outbox deliveries hash   KEYS[5] outbox due zset
--- KEYS[6] outbox log zset          KEYS[7] outbox failed zset (the outbox of this slot)
--- ARGV[7] allowance (credits this period)   ARGV[8] endpoint urls, space-separated
--- ARGV[9] deliveries kept per outbox        ARGV[10] deliveries kept for (ms)
+-- KEYS[7] outbox deliveries hash   KEYS[8] outbox due zset
+-- KEYS[9] outbox log zset          KEYS[10] outbox failed zset (the outbox of this slot)
+-- ARGV[9] allowance (credits this period)   ARGV[10] endpoint urls, space-separated
+-- ARGV[11] deliveries kept per outbox       ARGV[12] deliveries kept for (ms)
 --
 -- Reply: {status, used, held, token, state, cost, expires_ms, feature, extra, swept
 --         [, 'deliveries', outbox deliveries key, delivery id, ...]}
@@ -18,7 +20,7 @@
 --              refund: refunded now or before (state r), or it had expired (state e):
 --              either way its credits are back
 --              extra = 'again' when nothing changed
---   NOT_FOUND  no such reservation; nothing was written
+--   NOT_FOUND  no such reservation (or its record was dropped); nothing was written
 --   REFUNDED   commit of a reservation refunded earlier
 --   EXPIRED    commit of a reservation that lapsed first
 --   COMMITTED  refund of a committed reservation: spent credits are not refunded
@@ -28,11 +30,12 @@ local account, holds, events = KEYS[1], KEYS[2], KEYS[3]
 local now, token = tonumber(ARGV[1]), ARGV[2]
 local batch, events_max = tonumber(ARGV[3]), tonumber(ARGV[4])
 local commit = ARGV[6] == 'commit'
-local allowance = tonumber(ARGV[7])
+local allowance = tonumber(ARGV[9])
 keys_expire_at = ARGV[5]
+base = tonumber(ARGV[7])
 define_helpers()
 
-local t = settle_target(account, holds, events, events_max, now, token, batch)
+local t = settle_target(account, holds, events, {KEYS[4], KEYS[5], KEYS[6]}, events_max, now, token, batch)
 if not t then
   return {'NOT_FOUND', 0, 0, token, '', 0, 0, '', '', swept}
 end
@@ -40,25 +43,21 @@ end
 local outcome = 'OK'
 local notified -- threshold webhooks: the reply's tail, when this commit recorded any
 if t.state == 'h' then
-  if commit then
-    settle_hold(account, holds, events, events_max, ARGV[1], token, t, 'c', 'committed')
-    -- >>> threshold webhooks: each of 70 % / 90 % passed (used above it) and 100 %
-    -- reached that was not notified yet this period becomes one delivery per endpoint.
-    -- `wh` in the account is the highest threshold notified: never lowered (no re-arming).
-    local used = t.used
-    if KEYS[4] and (used * 100 > allowance * 70 or used >= allowance) then
-      local passed = (used >= allowance and 100) or (used * 100 > allowance * 90 and 90) or 70
-      local done = tonumber(redis.call('HGET', account, 'wh')) or 0
-      if passed > done then
-        redis.call('HSET', account, 'wh', passed)
-        notified = outbox_record({KEYS[4], KEYS[5], KEYS[6], KEYS[7]}, ARGV[8],
-          tonumber(ARGV[9]), tonumber(ARGV[10]), now, account, t, allowance, done, passed)
-      end
+  settle_hold(account, holds, events, events_max, ARGV[8], token, t, commit and 'c' or 'r')
+  -- >>> threshold webhooks: each of 70 % / 90 % passed (used above it) and 100 %
+  -- reached that was not notified yet this period becomes one delivery per endpoint.
+  -- `wh` in the account is the highest threshold notified: never lowered (no re-arming).
+  local used = t.used
+  if commit and KEYS[7] and (used * 100 > allowance * 70 or used >= allowance) then
+    local passed = (used >= allowance and 100) or (used * 100 > allowance * 90 and 90) or 70
+    local done = tonumber(redis.call('HGET', account, 'wh')) or 0
+    if passed > done then
+      redis.call('HSET', account, 'wh', passed)
+      notified = outbox_record({KEYS[7], KEYS[8], KEYS[9], KEYS[10]}, ARGV[10],
+        tonumber(ARGV[11]), tonumber(ARGV[12]), now, account, t, allowance, done, passed)
     end
-    -- <<< threshold webhooks
-  else
-    settle_hold(account, holds, events, events_max, ARGV[1], token, t, 'r', 'refunded')
   end
+  -- <<< threshold webhooks
 elseif commit and t.state == 'r' then
   outcome = 'REFUNDED'
 elseif commit and t.state == 'e' then
@@ -66,7 +65,7 @@ elseif commit and t.state == 'e' then
 elseif not commit and t.state == 'c' then
   outcome = 'COMMITTED'
 end
-local reply = settle_reply(outcome, token, t)
+local reply = settle_reply(account, outcome, token, t)
 if notified then
   for i = 1, #notified do
     reply[10 + i] = notified[i]

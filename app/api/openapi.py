@@ -53,6 +53,7 @@ from app.errors import (
     ReservationExpired,
     ReservationNotFound,
     ReservationRefunded,
+    TooManyHolds,
     TooManyStreams,
     Unauthorized,
     UnknownFeature,
@@ -126,6 +127,7 @@ EXAMPLES: Final[dict[str, list[CreditsError]]] = {
         _exhausted(used=48, held=0, cost=3, wait=None),
         _exhausted(used=40, held=9, cost=3, wait=90),
     ],
+    "too_many_holds": [TooManyHolds(retry_after=214)],
     "too_many_streams": [
         TooManyStreams(
             "This server already has 1000 usage streams open; try again shortly.", retry_after=42
@@ -208,7 +210,8 @@ def problem_response(status: int, codes: Iterable[str]) -> dict[str, Any]:
             model = _model_of(exc)
             if model not in models:
                 models.append(model)
-    schema = _ref(models[0]) if len(models) == 1 else {"oneOf": [_ref(m) for m in models]}
+    # anyOf: a problem with extra fields is a plain problem too.
+    schema = _ref(models[0]) if len(models) == 1 else {"anyOf": [_ref(m) for m in models]}
     titles = sorted({example["summary"] for example in examples.values()})
     response: dict[str, Any] = {
         "description": "; ".join(titles),

@@ -21,6 +21,7 @@ from app.errors import (
     NotFound,
     PayloadTooLarge,
     ReservationConflict,
+    TooManyHolds,
     TooManyStreams,
     Unauthorized,
 )
@@ -32,6 +33,7 @@ PROBLEM_JSON: Final = "application/problem+json"
 #: Most specific class first; the first match wins.
 STATUS_BY_ERROR: Final[tuple[tuple[type[CreditsError], int], ...]] = (
     (CreditsExhausted, 429),
+    (TooManyHolds, 429),
     (TooManyStreams, 429),
     (ReservationConflict, 409),
     (NotFound, 404),
@@ -92,9 +94,9 @@ def response_body(exc: CreditsError) -> dict[str, object]:
 
 def problem_body(exc: CreditsError) -> dict[str, object]:
     """The problem object for one outcome, as a batch item carries it (no headers there,
-    so what a header would say is in the body: ``retry_after`` for exhausted credits)."""
+    so what a header would say is in the body: ``retry_after`` with every 429)."""
     body = response_body(exc)
-    if isinstance(exc, CreditsExhausted):
+    if isinstance(exc, CreditsExhausted | TooManyHolds | TooManyStreams):
         body["retry_after"] = exc.retry_after
     return body
 
@@ -102,7 +104,7 @@ def problem_body(exc: CreditsError) -> dict[str, object]:
 def error_response(exc: CreditsError, *, retry_after_unavailable: int = 1) -> Response:
     status = status_for(exc)
     headers: dict[str, str] = {}
-    if isinstance(exc, CreditsExhausted | TooManyStreams):
+    if isinstance(exc, CreditsExhausted | TooManyHolds | TooManyStreams):
         headers["Retry-After"] = str(exc.retry_after)
     elif isinstance(exc, BackendUnavailable):
         headers["Retry-After"] = str(retry_after_unavailable)

@@ -130,6 +130,7 @@ async def commit_answer(store: CreditStore, reservation_id: str) -> Answer:
             "invalid_request",
             "idempotency_key_reused",
             "credits_exhausted",
+            "too_many_holds",
             "backend_unavailable",
             headers={429: QUOTA_HEADERS},
         ),

@@ -7,6 +7,7 @@ them atomically.
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 from binascii import crc_hqx
@@ -28,23 +29,46 @@ WRITE_PROBE_KEY: Final = f"{PREFIX}:write-probe"
 
 
 class PeriodKeys(NamedTuple):
-    """One coach's keys for one period (see docs/storage.md for what each holds)."""
+    """One coach's keys for one period (see docs/storage.md for what each holds): the
+    account, the live holds, the event log, then the settled generations, newest first."""
 
     account: str
     holds: str
     events: str
+    settled_0: str
+    settled_1: str
+    settled_2: str
+
+    @property
+    def settled(self) -> tuple[str, str, str]:
+        return self.settled_0, self.settled_1, self.settled_2
 
 
 def period_keys(coach_id: str, period: Period | str) -> PeriodKeys:
     """``period`` as a Period or already as its ``YYYY-MM`` text."""
     base = f"{PREFIX}:{{{coach_id}}}:{period}"
-    return PeriodKeys(f"{base}:account", f"{base}:holds", f"{base}:events")
+    return PeriodKeys(
+        f"{base}:account",
+        f"{base}:holds",
+        f"{base}:events",
+        f"{base}:settled:0",
+        f"{base}:settled:1",
+        f"{base}:settled:2",
+    )
 
 
-def idempotency_key_name(coach_id: str, principal: str, idempotency_key: str) -> str:
-    # Hashed: a caller's key never appears raw in a key name (no braces, no size games).
-    digest = hashlib.sha256(f"{principal}\n{idempotency_key}".encode()).hexdigest()[:40]
-    return f"{PREFIX}:{{{coach_id}}}:idem:{digest}"
+def idempotency_keys(coach_id: str) -> tuple[str, str, str]:
+    """The coach's idempotency records, in three generations, newest first."""
+    base = f"{PREFIX}:{{{coach_id}}}:idem"
+    return f"{base}:0", f"{base}:1", f"{base}:2"
+
+
+def idempotency_digest(principal: str, idempotency_key: str) -> str:
+    """Names an idempotency record within its coach's hashes: 72 bits of SHA-256 (a
+    coach keeps at most 1,500 records, so a collision is a 1-in-10^16 event), so a
+    caller's key never reaches Redis raw and every record is short."""
+    digest = hashlib.sha256(f"{principal}\n{idempotency_key}".encode()).digest()[:9]
+    return base64.urlsafe_b64encode(digest).decode()
 
 
 # --- threshold webhooks ------------------------------------------------------------

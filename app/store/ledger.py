@@ -34,18 +34,32 @@ from app.errors import (
     ReservationExpired,
     ReservationNotFound,
     ReservationRefunded,
+    TooManyHolds,
     UnknownFeature,
     WriteRefused,
 )
 from app.metrics import Metrics
 from app.store import batch
 from app.store.batch import ReserveItem, SettleAction
-from app.store.keys import WRITE_PROBE_KEY, idempotency_key_name, period_keys
-from app.store.replies import REPLY_LENGTH, STATES, Reply, decode_event, decode_reply
+from app.store.keys import WRITE_PROBE_KEY, idempotency_digest, idempotency_keys, period_keys
+from app.store.replies import (
+    REPLY_LENGTH,
+    STATES,
+    Baseline,
+    Reply,
+    decode_baseline,
+    decode_event,
+    decode_reply,
+    ms_after,
+)
 from app.store.scripts import Scripts
 from app.store.transport import AnyRedis, Command, transport_for
 
 Clock = Callable[[], datetime]
+
+#: What a reserve's reply says in ``extra`` when the period's settled records are due to
+#: move out of its account (move.lua, run right after).
+_MOVE_DUE: Final = "move"
 
 #: Each state's outcome label, read once (an enum's ``.value`` is a descriptor call).
 _OUTCOMES: Final = {state: status.value for state, status in STATES.items()}
@@ -55,12 +69,20 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def _key_reused(feature: str) -> IdempotencyKeyReused:
+    return IdempotencyKeyReused(
+        f"This Idempotency-Key was already used to reserve {feature!r}; "
+        "use a new key for a different request."
+    )
+
+
 class _PeriodInfo(NamedTuple):
     """What every call in one month passes along, worked out once per month."""
 
     period: Period
     text: str
     keys_expire_ms: int
+    start_ms: int
 
 
 class _ReserveCall(NamedTuple):
@@ -93,11 +115,14 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class EventPage:
-    """Events newest first; ``next_before`` is the cursor for the page after, if any."""
+    """Events newest first; ``next_before`` is the cursor for the page after, if any.
+    ``baseline`` is what the events trimmed off the period's log added up to: every
+    event kept, replayed on top of it, gives the raw counters."""
 
     events: list[Event]
     next_before: int | None
     usage: Usage
+    baseline: Baseline
 
 
 class ThresholdOutbox(Protocol):
@@ -123,7 +148,7 @@ class CreditStore:
         feature_costs: dict[str, int] | None = None,
         default_ttl_seconds: int = domain.DEFAULT_TTL_SECONDS,
         release_batch: int = 100,
-        events_max: int = 10_000,
+        events_max: int = 1000,
         op_timeout_seconds: float = 2.5,
         clock: Clock = utc_now,
         metrics: Metrics | None = None,
@@ -134,6 +159,8 @@ class CreditStore:
         self.feature_costs = dict(feature_costs or {"checkin_draft": 1, "trend_analysis": 3})
         self.default_ttl_seconds = default_ttl_seconds
         self.release_batch = release_batch
+        if not 1 <= events_max <= 1000:
+            raise ValueError("events_max must be between 1 and 1000")
         self.events_max = events_max
         self.clock = clock
         self.metrics = metrics or Metrics()
@@ -231,7 +258,12 @@ class CreditStore:
         info = self._periods.get((year, month))
         if info is None:
             period = Period(year, month)
-            info = _PeriodInfo(period, str(period), domain.to_ms(period.keys_expire_at))
+            info = _PeriodInfo(
+                period,
+                str(period),
+                domain.to_ms(period.keys_expire_at),
+                domain.to_ms(period.starts_at),
+            )
             if len(self._periods) > 64:  # a frozen or travelling clock in tests
                 self._periods.clear()
             self._periods[(year, month)] = info
@@ -292,7 +324,10 @@ class CreditStore:
         """Hold the feature's cost. Returns the reservation and whether it is new
         (False: an idempotent replay of an earlier request)."""
         call = self._reserve_call(coach_id, feature, ttl_seconds, idempotency_key, principal)
-        return await self._reserve_outcome(call, await self._run(call.command, "reserve"))
+        reply = await self._run(call.command, "reserve")
+        if reply.extra == _MOVE_DUE and reply.status == "OK":
+            await self._run(self._move_command(call.rid), "move")
+        return await self._reserve_outcome(call, reply)
 
     def _reserve_call(
         self,
@@ -308,24 +343,41 @@ class CreditStore:
         now = self.clock()
         info = self._period_info(now)
         rid = ReservationId.new(coach_id, info.period)
-        keys: list[str] = [*period_keys(coach_id, info.text)]
-        if idempotency_key is not None:
-            keys.append(idempotency_key_name(coach_id, principal, idempotency_key))
+        keys: tuple[str, ...] = period_keys(coach_id, info.text)
+        digest = ""
+        if idempotency_key is None:
+            keys = keys[:3]
+        else:
+            keys = (*keys, *idempotency_keys(coach_id))
+            digest = idempotency_digest(principal, idempotency_key)
         now_ms = domain.to_ms(now)
+        expires_ms = now_ms + ttl * 1000
+        start = info.start_ms
         args = (
             now_ms,
             rid.token,
             feature,
             cost,
-            now_ms + ttl * 1000,
+            expires_ms,
             self.allowance,
             info.keys_expire_ms,
             IDEMPOTENCY_TTL_SECONDS * 1000,
             info.text,
             self.release_batch,
             self.events_max,
+            digest,
+            start,
+            ms_after(start, now_ms),
+            ms_after(start, expires_ms),
         )
         return _ReserveCall(rid, feature, cost, now, self._command("reserve", keys, args))
+
+    def _move_command(self, rid: ReservationId) -> Command:
+        """move.lua for the period of ``rid``: its settled records leave the account."""
+        info = self._info_of(rid.period.year, rid.period.month)
+        k = period_keys(rid.coach_id, info.text)
+        keys = (k.account, *k.settled, *idempotency_keys(rid.coach_id))
+        return self._command("move", keys, (info.text, info.keys_expire_ms))
 
     async def _reserve_outcome(self, call: _ReserveCall, reply: Reply) -> tuple[Reservation, bool]:
         rid, feature, cost = call.rid, call.feature, call.cost
@@ -337,17 +389,23 @@ class CreditStore:
         if reply.status == "REPLAY":
             return self._reservation(ReservationId.of(coach_id, period, reply.token), reply), False
         if reply.status == "REPLAY_ELSEWHERE":
+            # The reply names the earlier period; the record (or, once dropped, the final
+            # state the idempotency record kept, in `feature`) is read there.
             earlier = ReservationId.of(coach_id, Period.parse(reply.extra), reply.token)
-            return await self.get_reservation(str(earlier)), False
+            reservation = await self._get(earlier, str(earlier), fallback=reply.feature)
+            if reservation.feature != feature:
+                raise _key_reused(reservation.feature)
+            return reservation, False
         if reply.status == "IDEM_REUSED":
-            raise IdempotencyKeyReused(
-                f"This Idempotency-Key was already used to reserve {reply.feature!r}; "
-                "use a new key for a different request."
-            )
+            raise _key_reused(reply.feature)
         if reply.status == "EXHAUSTED":
             self.metrics.count(feature, "exhausted")
             self.metrics.exhausted.labels(feature).inc()
             raise self._exhausted(feature, cost, period, call.now, reply)
+        if reply.status == "TOO_MANY_HOLDS":
+            self.metrics.count(feature, "too_many_holds")
+            earliest = domain.from_ms(int(reply.extra or 0))
+            raise TooManyHolds(domain.seconds_until(earliest, call.now))
         raise RuntimeError(f"unexpected reserve reply {reply.status!r}")
 
     def _exhausted(
@@ -396,27 +454,37 @@ class CreditStore:
         issued[rid.text] = rid
 
     async def get_reservation(self, reservation_id: str) -> Reservation:
-        rid = self._parse_id(reservation_id)
-        keys = period_keys(rid.coach_id, rid.period)
+        return await self._get(self._parse_id(reservation_id), reservation_id)
+
+    async def _get(self, rid: ReservationId, text: str, *, fallback: str = "") -> Reservation:
+        """``fallback``: the final record an idempotency record kept, read when the
+        reservation's own record was dropped."""
+        k = period_keys(rid.coach_id, rid.period)
+        info = self._info_of(rid.period.year, rid.period.month)
         command = self._command(
-            "get_reservation", keys[:2], (domain.to_ms(self.clock()), rid.token)
+            "get_reservation",
+            (k.account, k.holds, *k.settled),
+            (domain.to_ms(self.clock()), rid.token, fallback, info.start_ms),
         )
         reply = await self._run(command, "get_reservation")
         if reply.status == "NOT_FOUND":
-            raise ReservationNotFound(reservation_id)
+            raise ReservationNotFound(text)
         return self._reservation(rid, reply)
 
     def _settle_call(self, reservation_id: str, action: SettleAction) -> _SettleCall:
         rid = self._parse_id(reservation_id)
         period = rid.period
         info = self._info_of(period.year, period.month)
+        now_ms = domain.to_ms(self.clock())
         args: tuple[Any, ...] = (
-            domain.to_ms(self.clock()),
+            now_ms,
             rid.token,
             self.release_batch,
             self.events_max,
             info.keys_expire_ms,
             action,
+            info.start_ms,
+            ms_after(info.start_ms, now_ms),
         )
         keys: Sequence[str] = period_keys(rid.coach_id, info.text)
         outbox = self.outbox
@@ -504,7 +572,9 @@ class CreditStore:
         now = self.clock()
         period = period or Period.containing(now)
         command = self._command(
-            "get_events", period_keys(coach_id, period), (domain.to_ms(now), before or 0, limit)
+            "get_events",
+            period_keys(coach_id, period)[:3],
+            (domain.to_ms(now), before or 0, limit),
         )
         started = time.perf_counter()
         try:
@@ -513,8 +583,11 @@ class CreditStore:
             raw = await self._run_with_source(command)
         self.metrics.observe_latency("get_events", time.perf_counter() - started)
         reply = decode_reply(raw[:REPLY_LENGTH])
+        triples = raw[REPLY_LENGTH + 1 :]
+        start = domain.to_ms(period.starts_at)
         events = []
-        for row in map(decode_event, raw[REPLY_LENGTH:]):
+        for i in range(0, len(triples), 3):
+            row = decode_event(triples[i], triples[i + 1], triples[i + 2], start)
             rid = ReservationId.of(coach_id, period, row.token)
             at = domain.from_ms(row.ms)
             events.append(Event(row.seq, at, row.kind, rid, row.feature, row.cost))
@@ -522,6 +595,7 @@ class CreditStore:
             events,
             int(reply.extra) if reply.extra else None,
             self._usage(coach_id, period, reply.used, reply.held),
+            decode_baseline(raw[REPLY_LENGTH]),
         )
 
     # --- batches -----------------------------------------------------------------------
@@ -540,7 +614,15 @@ class CreditStore:
             )
 
         prepared = batch.prepare(items, make)
-        replies = await self._run_in_order([c.command for c in batch.sent(prepared)])
+        calls = batch.sent(prepared)
+        replies = await self._run_in_order([c.command for c in calls])
+        due = {
+            (c.rid.coach_id, c.rid.period): c.rid
+            for c, r in zip(calls, replies, strict=True)
+            if r.extra == _MOVE_DUE and r.status == "OK"
+        }
+        if due:
+            await self._run_in_order([self._move_command(rid) for rid in due.values()])
         return await batch.outcomes(prepared, iter(replies), self._reserve_outcome)
 
     async def settle_many(

@@ -1,12 +1,14 @@
-"""The one reply shape every script answers, and the event-log row format.
+"""The one reply shape every script answers, and the stored formats read outside Lua.
 
 Every script answers ``{status, used, held, token, state, cost, expires_ms, feature,
-extra, swept}`` (``get_events`` appends event rows after it); this module is the one
-place that reads that shape.
+extra, swept}`` (``get_events`` appends its baseline and its events after it); this
+module is the one place that reads that shape. The stored formats are defined in
+``lua/_common.lua``; this module reads the same ones.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 
@@ -72,7 +74,10 @@ def decode_reply(raw: Sequence[Any]) -> Reply:
 
 
 class EventRow(NamedTuple):
-    """One event-log entry as stored: ``<seq>|<ms>|<kind>|<token>|<feature>|<cost>``."""
+    """One event-log entry. Stored as ``<kind><cost>|<at>|<code>|<token>`` (``kind`` one
+    letter, as the record states; ``at`` ms after the period starts, in hex; ``code``
+    the feature's code in its period); its number and the feature's name come beside it
+    in the reply."""
 
     seq: int
     ms: int
@@ -82,9 +87,59 @@ class EventRow(NamedTuple):
     cost: int
 
 
-def decode_event(raw: Any) -> EventRow:
-    seq, ms, kind, token, feature, cost = text(raw).split("|")
-    return EventRow(int(seq), int(ms), kind, token, feature, int(cost))
+#: An event's one-letter kind in Redis and what the event log calls it.
+KINDS: Final = {"h": "held", "c": "committed", "r": "refunded", "e": "expired"}
+
+_EVENT: Final = re.compile(r"([a-z])([0-9]+)\|([0-9a-f]+)\|[^|]*\|(.*)")
+
+
+def decode_event(seq: Any, row: Any, feature: Any, period_start_ms: int) -> EventRow:
+    match = _EVENT.fullmatch(text(row))
+    if match is None:
+        raise ValueError(f"not an event row: {row!r}")
+    kind, cost, at, token = match.groups()
+    ms = period_start_ms + int(at, 16)
+    return EventRow(int(seq), ms, KINDS[kind], token, text(feature), int(cost))
+
+
+class Baseline(NamedTuple):
+    """What the events trimmed off a period's log added up to: replaying the kept events
+    on top of it gives the account's used and held."""
+
+    used: int
+    held: int
+
+
+def decode_baseline(raw: Any) -> Baseline:
+    used, held = text(raw).split("|")
+    return Baseline(int(used), int(held))
+
+
+class StoredRecord(NamedTuple):
+    """A reservation's record as stored: ``<state><cost>|<expires>|<code>`` (``expires``
+    ms after the period starts, in hex), followed by ``|<seq>`` (the event that settled
+    it) while a settled record is in the account."""
+
+    state: str
+    cost: int
+    expires_ms: int
+    code: str
+
+
+_RECORD: Final = re.compile(r"([a-z])([0-9]+)\|([0-9a-f]+)\|([^|]*)(?:\|[0-9]+)?")
+
+
+def decode_record(raw: Any, period_start_ms: int) -> StoredRecord:
+    match = _RECORD.fullmatch(text(raw))
+    if match is None:
+        raise ValueError(f"not a reservation record: {raw!r}")
+    state, cost, expires, code = match.groups()
+    return StoredRecord(state, int(cost), period_start_ms + int(expires, 16), code)
+
+
+def ms_after(start_ms: int, ms: int) -> str:
+    """A time as records and events store it: ms after ``start_ms``, in hex."""
+    return f"{ms - start_ms:x}"
 
 
 def text(v: Any) -> str:

@@ -27,6 +27,7 @@ log = logging.getLogger("credits.store")
 SCRIPT_NAMES: Final = (
     "reserve",
     "settle",
+    "move",
     "get_reservation",
     "get_usage",
     "get_events",

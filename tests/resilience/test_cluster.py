@@ -31,9 +31,10 @@ from app.errors import (
     ReservationNotFound,
 )
 from app.main import connect, create_app
-from app.store import SCRIPT_NAMES, CreditStore, idempotency_key_name, period_keys
+from app.store import SCRIPT_NAMES, CreditStore, idempotency_keys, period_keys
 from tests.support.clock import FrozenClock
 from tests.support.cluster import LocalCluster, wait_for
+from tests.support.ledger_view import logged_events
 
 pytestmark = pytest.mark.real_redis
 
@@ -223,14 +224,10 @@ async def test_coaches_spread_over_all_primaries_and_each_stays_in_one_slot(
     assert set(slots) == set(coaches)
     period = Period.containing(clock())
     for coach in coaches:
-        # Account, event log and idempotency record (the holds set is gone once empty),
+        # Account, event log and idempotency records (the holds set is gone once empty),
         # all in the slot of the coach's hash tag, on one primary.
         keys = period_keys(coach, period)
-        assert found[coach] == {
-            keys.account,
-            keys.events,
-            idempotency_key_name(coach, "", "k1"),
-        }
+        assert found[coach] == {keys.account, keys.events, idempotency_keys(coach)[0]}
         assert slots[coach] == {cluster.keyslot(slot_tag(coach))}
         assert len(homes[coach]) == 1
     per_primary = Counter(next(iter(h)) for h in homes.values())
@@ -594,11 +591,9 @@ async def settle_events(
     """Per coach, how many settle events (committed, refunded, expired) each token has."""
     out: dict[str, Counter[str]] = {}
     for coach in coaches:
-        lines = await store.redis.lrange(period_keys(coach, period).events, 0, -1)
         counts: Counter[str] = Counter()
-        for line in lines:
-            _seq, _ms, kind, token, *_ = str(line).split("|")
-            if kind in ("committed", "refunded", "expired"):
-                counts[token] += 1
+        for event in await logged_events(store, coach, period):
+            if event.kind in ("committed", "refunded", "expired"):
+                counts[event.reservation_id.token] += 1
         out[coach] = counts
     return out

@@ -28,6 +28,7 @@ from app.errors import (
 )
 from app.store import CreditStore, SettleAction, period_keys
 from tests.support.clock import FrozenClock
+from tests.support.ledger_view import logged_events
 from tests.support.redis import RedisProcess
 
 pytestmark = pytest.mark.real_redis
@@ -66,13 +67,11 @@ async def raw_counters(redis: Redis, coach_id: str) -> tuple[int, int]:
 
 async def settle_events(redis: Redis, coach_id: str) -> Counter[str]:
     """How many times each token was settled (committed, refunded or expired)."""
-    keys = period_keys(coach_id, Period.containing(NOW))
+    reader = CreditStore(redis, clock=FrozenClock(NOW))
     counts: Counter[str] = Counter()
-    for event in await redis.lrange(keys.events, 0, -1):
-        text = event if isinstance(event, str) else event.decode()
-        _, _, kind, token, _, _ = text.split("|")
-        if kind in ("committed", "refunded", "expired"):
-            counts[token] += 1
+    for event in await logged_events(reader, coach_id, Period.containing(NOW)):
+        if event.kind in ("committed", "refunded", "expired"):
+            counts[event.reservation_id.token] += 1
     return counts
 
 

@@ -37,9 +37,11 @@ from app.errors import (
     ReservationExpired,
     ReservationNotFound,
     ReservationRefunded,
+    TooManyHolds,
 )
 from app.store import AnyRedis, CreditStore, ReserveItem, SettleAction, period_keys
 from tests.support.clock import FrozenClock
+from tests.support.ledger_view import stored_records
 from tests.support.redis import RedisProcess
 from tests.support.reference import Decision, Kind, Ledger, RefReservation, Settle
 
@@ -95,12 +97,12 @@ class LedgerMachine(RuleBasedStateMachine):
 
     async def attempt(
         self, coach: str, feature: str, ttl: int, key: str | None, principal: str
-    ) -> tuple[Reservation, bool] | CreditsExhausted | IdempotencyKeyReused:
+    ) -> tuple[Reservation, bool] | CreditsExhausted | IdempotencyKeyReused | TooManyHolds:
         try:
             return await self.store.reserve(
                 coach, feature, ttl_seconds=ttl, idempotency_key=key, principal=principal
             )
-        except (CreditsExhausted, IdempotencyKeyReused) as exc:
+        except (CreditsExhausted, IdempotencyKeyReused, TooManyHolds) as exc:
             return exc
 
     def do_reserve(
@@ -124,6 +126,9 @@ class LedgerMachine(RuleBasedStateMachine):
             return []
         if isinstance(outcome, IdempotencyKeyReused):
             assert decision.kind is Kind.REUSED, decision
+            return []
+        if isinstance(outcome, TooManyHolds):
+            assert decision.kind is Kind.TOO_MANY, decision
             return []
         assert isinstance(outcome, tuple), outcome
         res, created = outcome
@@ -330,17 +335,18 @@ class LedgerMachine(RuleBasedStateMachine):
         assert used == want.used
         assert held >= want.held
         assert used + held <= ALLOWANCE
-        records = {k[2:]: v for k, v in raw.items() if k.startswith("r:")}
+        records = self.run(stored_records(self.redis, coach, period))
         mine = self.model.by_period[(coach, period)]
         assert len(records) == len(mine)
+        names = {k[3:]: v for k, v in raw.items() if k.startswith("fn:")}
         for rid in mine:
             ref = self.model.reservations[rid]
-            state, cost, expires, feature = records[ReservationId.parse(rid).token].split("|")  # type: ignore[union-attr]
-            status = _STATES[state]
-            if status is Status.HELD and int(expires) <= int(now.timestamp() * 1000):
+            record = records[ReservationId.parse(rid).token]  # type: ignore[union-attr]
+            status = _STATES[record.state]
+            if status is Status.HELD and record.expires_ms <= int(now.timestamp() * 1000):
                 status = Status.EXPIRED
-            assert status is ref.state_at(now), (rid, state, ref)
-            assert (int(cost), feature, from_ms(int(expires))) == (
+            assert status is ref.state_at(now), (rid, record, ref)
+            assert (record.cost, names[record.code], from_ms(record.expires_ms)) == (
                 ref.cost,
                 ref.feature,
                 ref.expires_at,

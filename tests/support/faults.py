@@ -80,6 +80,7 @@ from app.errors import (
 from app.main import connect
 from app.store import AnyRedis, CreditStore, ReserveItem, SettleAction, period_keys
 from tests.support.clock import FrozenClock
+from tests.support.ledger_view import logged_events, stored_records
 from tests.support.redis import RedisProcess
 from tests.support.reference import Decision, Kind, Ledger, RefReservation, Settle
 
@@ -568,18 +569,19 @@ class SeedRun:
             ReservationId.parse(rid).token  # type: ignore[union-attr]
             for rid in self.model.by_period.get((request.coach, period), [])
         }
-        orphans = {k[2:]: v for k, v in raw.items() if k.startswith("r:") and k[2:] not in known}
+        records = await stored_records(self.admin, request.coach, period)
+        orphans = {t: r for t, r in records.items() if t not in known}
         check(len(orphans) <= 1, f"keyless reserve left {len(orphans)} holds")
         if not orphans:
             return
         check(kind is Kind.HELD, f"keyless reserve held although the model says {kind}")
         ((token, record),) = orphans.items()
-        state, cost, expires, feature = record.split("|")
+        state = record.state
         decision = self.model.reserve(
             request.coach, request.feature, self.clock(), ttl_seconds=request.ttl
         )
         check(
-            (int(cost), feature, from_ms(int(expires)))
+            (record.cost, raw.get(f"fn:{record.code}"), from_ms(record.expires_ms))
             == (decision.cost, decision.feature, decision.expires_at),
             f"orphan hold {record} does not match the request",
         )
@@ -591,9 +593,6 @@ class SeedRun:
     async def hash_of(self, key: str) -> dict[str, str]:
         raw = await self.admin.hgetall(key)
         return {_text(k): _text(v) for k, v in raw.items()}
-
-    async def list_of(self, key: str) -> list[str]:
-        return [_text(v) for v in await self.admin.lrange(key, 0, -1)]
 
     async def wait_for_redis(self) -> None:
         deadline = time.monotonic() + RECOVERY_SECONDS
@@ -661,7 +660,7 @@ class SeedRun:
         check(used == want.used, f"{where}: used {used} != {want.used}")
         # Lapsed holds nobody swept yet still count in the stored figure, never fewer.
         check(held >= want.held, f"{where}: held {held} < live {want.held}")
-        records = {k[2:]: v for k, v in raw.items() if k.startswith("r:")}
+        records = await stored_records(self.admin, coach, period)
         mine = self.model.by_period[(coach, period)]
         check(len(records) == len(mine), f"{where}: {len(records)} records, model {len(mine)}")
         now_ms = to_ms(now)
@@ -669,19 +668,20 @@ class SeedRun:
             ref = self.model.reservations[rid]
             token = rid.rsplit(".", 1)[1]
             check(token in records, f"{where}: {self.names.get(rid)} missing")
-            state, cost, expires, _ = records[token].split("|")
-            status = _STATES[state]
-            if status is Status.HELD and int(expires) <= now_ms:
+            record = records[token]
+            status = _STATES[record.state]
+            if status is Status.HELD and record.expires_ms <= now_ms:
                 status = Status.EXPIRED
             check(
                 status is ref.state_at(now),
                 f"{where}: {self.names.get(rid)} is {status}, model {ref.state_at(now)}",
             )
-            check(int(cost) == ref.cost, f"{where}: {self.names.get(rid)} cost")
+            check(record.cost == ref.cost, f"{where}: {self.names.get(rid)} cost")
         settled: Counter[str] = Counter()
         held_events: Counter[str] = Counter()
-        for event in await self.list_of(keys.events):
-            _, _, kind, token, _, _ = event.split("|")
+        reader = CreditStore(self.admin, clock=self.clock)
+        for event in await logged_events(reader, coach, period):
+            kind, token = event.kind, event.reservation_id.token
             if kind == "held":
                 held_events[token] += 1
             elif kind in ("committed", "refunded", "expired"):

@@ -3,8 +3,10 @@
 It knows nothing of Redis: it keeps, per coach and period, the reservations with their
 state and expiry, and derives ``used`` and ``held`` from them, so the store's counters
 can be checked against a ledger that is correct by construction. Idempotency records
-are keyed by (principal, coach, key) and never lapse here: tests run for seconds of real
-time, far inside the 24 hours the records are kept.
+are keyed by (principal, coach, key) and live as the service promises: 24 hours, or
+until 1,000 newer ones exist for the coach. A coach holds at most 1,000 live
+reservations a period. (The service keeps at least the 1,000 newest settled records of a
+period; the model keeps them all, so tests that drop records do not use it.)
 
 Reservation ids are minted by the store (they hold random bits), so a new hold is a
 two-step affair: :meth:`Ledger.reserve` decides what must happen, and when that is a new
@@ -18,9 +20,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from app.domain import Period, ReservationId, Status, remaining
+from app.domain import IDEMPOTENCY_TTL_SECONDS, Period, ReservationId, Status, remaining
 
 DEFAULT_COSTS = {"checkin_draft": 1, "trend_analysis": 3}
+#: Live holds a coach may have in a period, and idempotency records kept per coach.
+MAX_LIVE_HOLDS = 1000
+IDEMPOTENCY_KEPT = 1000
 
 
 class Kind(StrEnum):
@@ -30,6 +35,7 @@ class Kind(StrEnum):
     REPLAY = "replay"  # the key was seen: the earlier reservation, nothing held
     REUSED = "reused"  # the key was seen with another feature
     EXHAUSTED = "exhausted"  # it does not fit
+    TOO_MANY = "too_many"  # MAX_LIVE_HOLDS are live
 
 
 class Settle(StrEnum):
@@ -85,6 +91,8 @@ class Decision:
     cost: int
     period: Period
     expires_at: datetime
+    #: When the request was made (an idempotency record is dated so).
+    made_at: datetime
     #: For REPLAY and REUSED: the reservation the key points at.
     earlier: RefReservation | None = None
     #: For EXHAUSTED: the counters the refusal was based on.
@@ -97,7 +105,12 @@ class Ledger:
     allowance: int = 50
     costs: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_COSTS))
     reservations: dict[str, RefReservation] = field(default_factory=dict)
-    idempotency: dict[tuple[str, str, str], tuple[str, str]] = field(default_factory=dict)
+    #: (principal, coach, key) -> (feature, reservation id, made at, its number)
+    idempotency: dict[tuple[str, str, str], tuple[str, str, datetime, int]] = field(
+        default_factory=dict
+    )
+    #: coach -> the number of its newest idempotency record
+    idempotency_made: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     #: (coach, period) -> reservation ids, so counters need no scan of everything.
     by_period: dict[tuple[str, Period], list[str]] = field(
         default_factory=lambda: defaultdict(list)
@@ -149,12 +162,13 @@ class Ledger:
             cost,
             period,
             now + timedelta(seconds=ttl_seconds),
+            now,
         )
         if idempotency_key is not None:
             decision.idem = (principal, coach_id, idempotency_key)
             seen = self.idempotency.get(decision.idem)
-            if seen is not None:
-                seen_feature, seen_rid = seen
+            if seen is not None and self._idempotency_live(coach_id, seen, now):
+                seen_feature, seen_rid, _, _ = seen
                 decision.earlier = self.reservations[seen_rid]
                 # A replay answers from wherever the first hold lives, even another period.
                 decision.kind = Kind.REUSED if seen_feature != feature else Kind.REPLAY
@@ -163,7 +177,21 @@ class Ledger:
         if counters.used + counters.held + cost > self.allowance:
             decision.kind = Kind.EXHAUSTED
             decision.counters = counters
+        elif self.live_holds(coach_id, period, now) >= MAX_LIVE_HOLDS:
+            decision.kind = Kind.TOO_MANY
         return decision
+
+    def _idempotency_live(
+        self, coach_id: str, seen: tuple[str, str, datetime, int], now: datetime
+    ) -> bool:
+        _, _, made_at, number = seen
+        newer = self.idempotency_made[coach_id] - number
+        age = (now - made_at).total_seconds()
+        return newer < IDEMPOTENCY_KEPT and age < IDEMPOTENCY_TTL_SECONDS
+
+    def live_holds(self, coach_id: str, period: Period, now: datetime) -> int:
+        rids = self.by_period.get((coach_id, period), ())
+        return sum(self.reservations[rid].live_at(now) for rid in rids)
 
     def bind(self, decision: Decision, rid: str) -> RefReservation:
         """Record the new hold a HELD decision made, under the id the store minted."""
@@ -184,7 +212,10 @@ class Ledger:
         self.reservations[rid] = res
         self.by_period[(res.coach_id, res.period)].append(rid)
         if decision.idem is not None:
-            self.idempotency[decision.idem] = (decision.feature, rid)
+            coach = decision.coach_id
+            self.idempotency_made[coach] += 1
+            number = self.idempotency_made[coach]
+            self.idempotency[decision.idem] = (decision.feature, rid, decision.made_at, number)
         return res
 
     # --- settling ---------------------------------------------------------------------
