@@ -16,6 +16,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from app.domain import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, MIN_TTL_SECONDS
+from app.webhooks.config import DEFAULT_RETRY_SECONDS, RetrySchedule, WebhookEndpoints
 
 
 class Scope(StrEnum):
@@ -57,6 +58,17 @@ class Settings(BaseSettings):
     stream_max_seconds: Annotated[float, Field(gt=0, le=86_400)] = 600.0
     #: Usage streams open at once in this process; the next is refused 429.
     streams_max: Annotated[int, Field(ge=1, le=100_000)] = 1000
+
+    #: Threshold webhooks: the endpoints (see ``app.webhooks.config``), the delays
+    #: between attempts, for how long a delivery is retried, the bound on one attempt,
+    #: how often the sweeper looks over the outboxes, and deliveries kept per outbox.
+    webhooks: WebhookEndpoints = ()
+    webhook_retry_seconds: RetrySchedule = DEFAULT_RETRY_SECONDS
+    webhook_retry_window_seconds: Annotated[float, Field(gt=0, le=7 * 86_400)] = 86_400.0
+    webhook_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 10.0
+    webhook_sweep_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
+    #: At least what one commit can record (20 endpoints, 3 thresholds).
+    webhook_deliveries_per_outbox: Annotated[int, Field(ge=60, le=100_000)] = 1000
 
     @field_validator("feature_costs")
     @classmethod

@@ -23,11 +23,13 @@ from app.api.hot import with_front
 from app.api.limits import BodySizeLimit
 from app.api.routes import router
 from app.api.streams import UsageStreams
+from app.api.webhooks import router as webhooks_router
 from app.config import Settings, load_settings
 from app.errors import BackendUnavailable
 from app.metrics import Metrics
 from app.store import AnyRedis, Clock, CreditStore, utc_now
 from app.store.shared_writes import shared_write_client
+from app.webhooks.runtime import Webhooks
 
 log = logging.getLogger("credits")
 
@@ -171,11 +173,14 @@ def create_app(
             await app.state.store.ensure_scripts()
         except BackendUnavailable:
             log.warning("redis is not reachable at start-up; serving 503 until it is")
+        app.state.webhooks = Webhooks(app.state.store, settings, app.state.metrics)
+        await app.state.webhooks.start()
         if tune_gc:
             settle_heap()
         try:
             yield
         finally:
+            await app.state.webhooks.stop()
             await app.state.streams.aclose()
             await app.state.store.drain()
             await app.state.store.aclose()
@@ -199,6 +204,7 @@ def create_app(
     problems.install(app)
     app.include_router(router)
     app.include_router(events_router)
+    app.include_router(webhooks_router)
     panel.install(app)
     openapi.install(app)
     app.add_middleware(BodySizeLimit)

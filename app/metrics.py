@@ -66,6 +66,25 @@ class Metrics:
             "Live usage streams (Server-Sent Events) open in this process.",
             registry=r,
         )
+        self.webhook_deliveries = Counter(
+            "credits_webhook_deliveries_total",
+            "Threshold webhook attempts by outcome: delivered (2xx), retry (failed, tried "
+            "again later), failed (given up after the retry window).",
+            ["outcome"],
+            registry=r,
+        )
+        self.webhook_pending = Gauge(
+            "credits_webhook_deliveries_pending",
+            "Threshold webhook deliveries not yet delivered nor given up, as the process "
+            "holding the sweeper's lease last counted them (0 elsewhere: take the max).",
+            registry=r,
+        )
+        self.webhook_lag = Histogram(
+            "credits_webhook_delivery_lag_seconds",
+            "From the commit that crossed a threshold to the endpoint's 2xx answer.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600, 21600, 86400),
+            registry=r,
+        )
         #: Feature costs, set by the store, to turn hold counts into credits.
         self.feature_costs: dict[str, int] = {}
         self.held_in_flight = Gauge(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import io
 import json
@@ -50,6 +51,7 @@ from bench.procs import VENV_BIN, CpuMeter, ensure_tool
 from tests.support.cluster import LocalCluster
 from tests.support.redis import RedisProcess, free_port
 from tests.support.service import Uvicorn
+from tests.support.webhooks import Receiver
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 WRK_DIR: Final = Path(__file__).resolve().parent / "wrk"
@@ -73,13 +75,14 @@ class Load:
     coaches_populated: int
     lapsed_holds: int
     batch_items: int
+    webhook_coaches: int
 
     @classmethod
     def of(cls, quick: bool) -> Load:
         if quick:
-            return cls(1, 3_000, 1_000, 5_000, 1_000, 20)
+            return cls(1, 3_000, 1_000, 5_000, 1_000, 20, 10)
         # A coach holds at most 1,000 reservations, lapsed or not.
-        return cls(10, 200_000, 40_000, 1_000_000, 1_000, 100)
+        return cls(10, 200_000, 40_000, 1_000_000, 1_000, 100, 300)
 
 
 @dataclass
@@ -1085,6 +1088,64 @@ async def check_correctness(report: Report, redis: RedisProcess) -> None:
     report.correct = checked > 0 and over == 0 and full >= EXHAUSTED_COACHES
 
 
+# --- threshold webhooks ---------------------------------------------------------------
+
+
+async def bench_webhooks(report: Report, redis: RedisProcess, load: Load) -> None:
+    """Delivery lag (commit to the receiver's arrival) while wrk drives HTTP reserves:
+    coaches prepared at 70 % each get one more commit, paced over the run, and each
+    such commit sends one webhook to a local receiver."""
+    secs, count = load.wrk_seconds, load.webhook_coaches
+    coaches = [f"hook-{i}" for i in range(count)]
+    client = connect(Settings(redis_url=redis.db_url(DB_SERVICE), allow_open=True))
+    store = CreditStore(client)
+    features = ["trend_analysis"] * 11 + ["checkin_draft"] * 2  # 35 of 50: not past 70 %
+    held = await store.reserve_many([ReserveItem(c, f) for c in coaches for f in features])
+    await store.settle_many(
+        [(str(h[0].reservation_id), "commit") for h in held if isinstance(h, tuple)]
+    )
+    await client.aclose()
+
+    receiver = Receiver().start()
+    port = free_port()
+    env = {**service_env(redis), "CREDITS_WEBHOOKS": json.dumps([receiver.endpoint()])}
+    try:
+        with Uvicorn(production_argv(port, 1), env, port) as srv:
+            headers = {"authorization": f"Bearer {API_KEY}"}
+
+            async def cross() -> None:
+                async with httpx.AsyncClient(base_url=srv.base, headers=headers) as http:
+                    for coach in coaches:
+                        r = await http.post(
+                            f"/v1/coaches/{coach}/reservations", json={"feature": "checkin_draft"}
+                        )
+                        await http.post(f"/v1/reservations/{r.json()['reservation_id']}/commit")
+                        await asyncio.sleep(secs / count)
+
+            crossing = asyncio.create_task(cross())
+            r = await asyncio.to_thread(wrk, srv.base, "reserve", secs, key=API_KEY)
+            await crossing
+            # What has not arrived 30 s after the load is reported missing.
+            with contextlib.suppress(TimeoutError):
+                await receiver.arrival(lambda got: len(got) >= count, within=30)
+    finally:
+        receiver.stop()
+    got = receiver.snapshot()
+    lags = sorted(
+        (g.at - datetime.fromisoformat(g.body["timestamp"]).timestamp()) * 1000 for g in got
+    )
+    p50, p99 = (
+        (lags[len(lags) // 2], lags[min(len(lags) - 1, int(len(lags) * 0.99))])
+        if lags
+        else (0.0, 0.0)
+    )
+    note = (
+        f"{len(got)} of {count} delivered; reserve load {r.rps:,.0f} req/s, p99 {r.p99_ms:.2f} ms"
+    )
+    report.add("webhook", "delivery lag under HTTP reserve load, p50", p50, "ms", note)
+    report.add("webhook", "delivery lag under HTTP reserve load, p99", p99, "ms", note)
+
+
 # --- main -----------------------------------------------------------------------------------
 
 
@@ -1098,6 +1159,7 @@ async def run(load: Load, quick: bool) -> Report:
         await bench_http(report, redis, load)
         await bench_cluster(report, redis, load)
         await bench_streams(report, redis, load)
+        await bench_webhooks(report, redis, load)
         await bench_scaling(report, redis, load)
         await bench_memory(report, redis)
         await check_correctness(report, redis)

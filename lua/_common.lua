@@ -7,6 +7,8 @@
 --                      moved_at (seq when settled records last moved to settled:0),
 --                      archived (records in settled:0),
 --                      base_used, base_held (what the events trimmed off the log added up to),
+--                      wh (the highest usage threshold, 70, 90 or 100, notified by webhook
+--                      this period; written only while webhook endpoints are configured),
 --                      fc:<feature> -> code, fn:<code> -> feature, codes (codes given out),
 --                      r:<token> -> record
 --   holds        ZSET  <token> scored by expires_ms, live holds only
@@ -79,6 +81,7 @@ end
 local num, parse_record, counters, sweep_due, find_record, feature_name, new_code
 local trim_log, push_events, expire_holds, release_lapsed, effective_held
 local settle_target, settle_hold, settle_reply, move_settled, idem_find, idem_write
+local outbox_record
 
 local function define_helpers()
   if num then
@@ -446,5 +449,52 @@ local function define_helpers()
     local n = last + 1
     redis.call('HSET', idem[1], digest, value .. '|' .. n .. '|' .. now_text, '#', n)
     redis.call('PEXPIRE', idem[1], ttl)
+  end
+
+  -- Threshold webhooks: records one delivery per endpoint (`urls`, space-separated)
+  -- for every threshold above `done` up to `passed`, due at once, in this slot's
+  -- `outbox` {deliveries, due, log, failed}, and keeps the outbox within its bounds
+  -- (`keep` deliveries, for `keep_ms`). `t` is settle_target's, after the commit.
+  -- Returns the reply's tail: {'deliveries', deliveries key, id, ...}.
+  function outbox_record(outbox, urls, keep, keep_ms, now, account, t, allowance, done, passed)
+    local deliveries, due, log, failed = unpack(outbox)
+    local coach, period = string.match(account, '{(.*)}:([^:]*):account$')
+    local tail = {'deliveries', deliveries}
+    for _, threshold in ipairs({70, 90, 100}) do
+      if threshold > done and threshold <= passed then
+        -- The same for every attempt and endpoint: one event, at most once per coach,
+        -- period and threshold.
+        local webhook_id = 'msg_' .. period .. '_' .. threshold .. '_' .. coach
+        for url in string.gmatch(urls, '%S+') do
+          local id = url .. ' ' .. webhook_id
+          redis.call('HSET', deliveries, id, cjson.encode({
+            webhook_id = webhook_id, url = url, threshold = threshold, coach_id = coach,
+            period = period, used = t.used, held = t.held, allowance = allowance,
+            recorded_at = now, attempts = 0, status = 'pending', next_attempt_at = now}))
+          redis.call('ZADD', due, now, id)
+          redis.call('ZADD', log, now, id)
+          tail[#tail + 1] = id
+        end
+      end
+    end
+    -- The oldest go first: past their age, then beyond the count.
+    local gone = redis.call('ZRANGEBYSCORE', log, '-inf', now - keep_ms, 'LIMIT', 0, 1000)
+    local over = math.min(redis.call('ZCARD', log) - #gone - keep, 1000)
+    if over > 0 then
+      for _, id in ipairs(redis.call('ZRANGE', log, #gone, #gone + over - 1)) do
+        gone[#gone + 1] = id
+      end
+    end
+    if #gone > 0 then
+      redis.call('HDEL', deliveries, unpack(gone))
+      redis.call('ZREM', due, unpack(gone))
+      redis.call('ZREM', failed, unpack(gone))
+      redis.call('ZREM', log, unpack(gone))
+    end
+    -- An outbox nobody writes to any more goes with its last deliveries.
+    for _, key in ipairs(outbox) do
+      redis.call('PEXPIREAT', key, now + keep_ms)
+    end
+    return tail
   end
 end

@@ -7,8 +7,14 @@
 -- ARGV[3] lapsed holds released per call   ARGV[4] events kept per period
 -- ARGV[5] period keys expire at (ms)       ARGV[6] action: 'commit' or 'refund'
 -- ARGV[7] period starts at (ms)            ARGV[8] now, in ms after the period starts, in hex
+-- Threshold webhooks, on commits only and only while endpoints are configured:
+-- KEYS[7] outbox deliveries hash   KEYS[8] outbox due zset
+-- KEYS[9] outbox log zset          KEYS[10] outbox failed zset (the outbox of this slot)
+-- ARGV[9] allowance (credits this period)   ARGV[10] endpoint urls, space-separated
+-- ARGV[11] deliveries kept per outbox       ARGV[12] deliveries kept for (ms)
 --
--- Reply: {status, used, held, token, state, cost, expires_ms, feature, extra, swept}
+-- Reply: {status, used, held, token, state, cost, expires_ms, feature, extra, swept
+--         [, 'deliveries', outbox deliveries key, delivery id, ...]}
 --   swept: credits this call returned from lapsed holds (their expiry)
 --   OK         commit: committed now or before (state c)
 --              refund: refunded now or before (state r), or it had expired (state e):
@@ -18,10 +24,13 @@
 --   REFUNDED   commit of a reservation refunded earlier
 --   EXPIRED    commit of a reservation that lapsed first
 --   COMMITTED  refund of a committed reservation: spent credits are not refunded
+--   'deliveries' follows when this commit recorded threshold webhooks: the ids of the
+--   new deliveries, each "<url> <webhook-id>", due at once
 local account, holds, events = KEYS[1], KEYS[2], KEYS[3]
 local now, token = tonumber(ARGV[1]), ARGV[2]
 local batch, events_max = tonumber(ARGV[3]), tonumber(ARGV[4])
 local commit = ARGV[6] == 'commit'
+local allowance = tonumber(ARGV[9])
 keys_expire_at = ARGV[5]
 base = tonumber(ARGV[7])
 define_helpers()
@@ -32,8 +41,23 @@ if not t then
 end
 
 local outcome = 'OK'
+local notified -- threshold webhooks: the reply's tail, when this commit recorded any
 if t.state == 'h' then
   settle_hold(account, holds, events, events_max, ARGV[8], token, t, commit and 'c' or 'r')
+  -- >>> threshold webhooks: each of 70 % / 90 % passed (used above it) and 100 %
+  -- reached that was not notified yet this period becomes one delivery per endpoint.
+  -- `wh` in the account is the highest threshold notified: never lowered (no re-arming).
+  local used = t.used
+  if commit and KEYS[7] and (used * 100 > allowance * 70 or used >= allowance) then
+    local passed = (used >= allowance and 100) or (used * 100 > allowance * 90 and 90) or 70
+    local done = tonumber(redis.call('HGET', account, 'wh')) or 0
+    if passed > done then
+      redis.call('HSET', account, 'wh', passed)
+      notified = outbox_record({KEYS[7], KEYS[8], KEYS[9], KEYS[10]}, ARGV[10],
+        tonumber(ARGV[11]), tonumber(ARGV[12]), now, account, t, allowance, done, passed)
+    end
+  end
+  -- <<< threshold webhooks
 elseif commit and t.state == 'r' then
   outcome = 'REFUNDED'
 elseif commit and t.state == 'e' then
@@ -41,4 +65,10 @@ elseif commit and t.state == 'e' then
 elseif not commit and t.state == 'c' then
   outcome = 'COMMITTED'
 end
-return settle_reply(account, outcome, token, t)
+local reply = settle_reply(account, outcome, token, t)
+if notified then
+  for i = 1, #notified do
+    reply[10 + i] = notified[i]
+  end
+end
+return reply

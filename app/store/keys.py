@@ -8,8 +8,12 @@ them atomically.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
+from binascii import crc_hqx
 from typing import Final, NamedTuple
+
+from redis.crc import key_slot
 
 from app.domain import Period
 
@@ -65,3 +69,72 @@ def idempotency_digest(principal: str, idempotency_key: str) -> str:
     caller's key never reaches Redis raw and every record is short."""
     digest = hashlib.sha256(f"{principal}\n{idempotency_key}".encode()).digest()[:9]
     return base64.urlsafe_b64encode(digest).decode()
+
+
+# --- threshold webhooks ------------------------------------------------------------
+#
+# A commit records its threshold webhooks in the same script call, so in the coach's
+# slot: every slot has its own outbox, named with a hash tag that falls in that slot.
+# The outbox keys start ``credits:outbox:`` (never ``credits:{``), so no coach's keys
+# are mistaken for them.
+
+SLOT_COUNT: Final = 16384
+
+
+@functools.cache
+def slot_tags() -> tuple[str, ...]:
+    """A hash tag for every Redis Cluster slot, by slot: the first hex numeral found
+    whose CRC16 falls in it (about 315,000 tries, a fifth of a second, once a process)."""
+    tags: list[str | None] = [None] * SLOT_COUNT
+    left, n = SLOT_COUNT, 0
+    while left:
+        tag = format(n, "x")
+        slot = crc_hqx(tag.encode(), 0) % SLOT_COUNT
+        if tags[slot] is None:
+            tags[slot] = tag
+            left -= 1
+        n += 1
+    return tuple(t for t in tags if t is not None)
+
+
+def coach_slot(coach_id: str) -> int:
+    """The slot of every key of this coach (its hash tag is the id itself)."""
+    return key_slot(coach_id.encode())
+
+
+class OutboxKeys(NamedTuple):
+    """One slot's outbox (see docs/storage.md)."""
+
+    deliveries: str  # HASH  "<url> <webhook-id>" -> the delivery record (JSON)
+    due: str  # ZSET  pending deliveries by when the next attempt is due (ms)
+    log: str  # ZSET  every delivery kept, by when it was recorded (ms)
+    failed: str  # ZSET  deliveries given up on, by when they were recorded (ms)
+
+
+_outboxes: list[OutboxKeys | None] = [None] * SLOT_COUNT
+
+
+def outbox_keys(slot: int) -> OutboxKeys:
+    keys = _outboxes[slot]
+    if keys is None:
+        base = f"{PREFIX}:outbox:{{{slot_tags()[slot]}}}"
+        keys = _outboxes[slot] = OutboxKeys(
+            f"{base}:deliveries", f"{base}:due", f"{base}:log", f"{base}:failed"
+        )
+    return keys
+
+
+def key_slot_of(key: str) -> int:
+    """The slot of any key name (by its hash tag, as Redis Cluster computes it)."""
+    return key_slot(key.encode())
+
+
+#: Slots whose outbox has pending deliveries, scored by when the sweeper should look
+#: there next (ms). Written after the commit by the process that made it; the sweeper's
+#: pass over every slot repairs what a process that died in between left out.
+OUTBOX_DUE_SLOTS: Final = f"{PREFIX}:outbox:due-slots"
+#: Slots whose outbox holds deliveries, scored by the newest one's time (ms): where
+#: ``GET /v1/webhook-deliveries`` looks.
+OUTBOX_SLOTS: Final = f"{PREFIX}:outbox:slots"
+#: The sweeper's lease: the one process that looks over the outboxes holds it.
+OUTBOX_SWEEPER_LEASE: Final = f"{PREFIX}:outbox:sweeper"

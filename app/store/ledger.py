@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, Protocol
 
 from redis import exceptions as redis_errors
 
@@ -125,6 +125,18 @@ class EventPage:
     baseline: Baseline
 
 
+class ThresholdOutbox(Protocol):
+    """Where commits record threshold webhooks (``app.webhooks``): the outbox keys and
+    arguments a commit passes to settle.lua, and who takes the deliveries it recorded."""
+
+    def commit_keys(self, coach_id: str) -> Sequence[str]: ...
+
+    def commit_args(self, allowance: int) -> Sequence[Any]: ...
+
+    def recorded(self, tail: Sequence[Any]) -> None:
+        """``tail``: what a settle reply carries after its ten fields."""
+
+
 class CreditStore:
     """Reserve, commit, refund and read credits for coaches."""
 
@@ -163,6 +175,8 @@ class CreditStore:
         # A usage's feature list depends only on the credits left: one shared tuple per
         # level instead of new objects per call (they are frozen).
         self._features: dict[int, tuple[FeatureAvailability, ...]] = {}
+        #: Threshold webhooks: set while endpoints are configured.
+        self.outbox: ThresholdOutbox | None = None
 
     # --- plumbing --------------------------------------------------------------------
 
@@ -214,7 +228,13 @@ class CreditStore:
         reply = decode_reply(raw)
         if reply.swept:
             self.metrics.add_credits("expired", reply.swept)
+        if len(raw) > REPLY_LENGTH and self.outbox is not None:
+            self.outbox.recorded(raw[REPLY_LENGTH:])
         return reply
+
+    async def call_script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Reply:
+        """One call of the script ``name`` (of ``SCRIPT_NAMES``) and its reply."""
+        return await self._run(self._command(name, keys, args), name)
 
     async def _run_with_source(self, command: Command) -> Any:
         # Redis forgot the scripts: restarted, flushed or failed over. That is also the
@@ -456,7 +476,7 @@ class CreditStore:
         period = rid.period
         info = self._info_of(period.year, period.month)
         now_ms = domain.to_ms(self.clock())
-        args = (
+        args: tuple[Any, ...] = (
             now_ms,
             rid.token,
             self.release_batch,
@@ -466,7 +486,11 @@ class CreditStore:
             info.start_ms,
             ms_after(info.start_ms, now_ms),
         )
-        keys = period_keys(rid.coach_id, info.text)
+        keys: Sequence[str] = period_keys(rid.coach_id, info.text)
+        outbox = self.outbox
+        if outbox is not None and action == "commit":
+            keys = (*keys, *outbox.commit_keys(rid.coach_id))
+            args = (*args, *outbox.commit_args(self.allowance))
         return _SettleCall(action, rid, self._command("settle", keys, args))
 
     def _settle_outcome(self, call: _SettleCall, reply: Reply) -> Reservation:
@@ -625,4 +649,9 @@ class CreditStore:
         swept = sum(r.swept for r in replies)
         if swept:
             self.metrics.add_credits("expired", swept)
+        outbox = self.outbox
+        if outbox is not None:
+            for r in raw:
+                if len(r) > REPLY_LENGTH:
+                    outbox.recorded(r[REPLY_LENGTH:])
         return replies

@@ -24,7 +24,16 @@ from app.store.transport import Transport
 
 log = logging.getLogger("credits.store")
 
-SCRIPT_NAMES: Final = ("reserve", "settle", "move", "get_reservation", "get_usage", "get_events")
+SCRIPT_NAMES: Final = (
+    "reserve",
+    "settle",
+    "move",
+    "get_reservation",
+    "get_usage",
+    "get_events",
+    "outbox_claim",
+    "outbox_finish",
+)
 LUA: Final = resources.files("app.lua")
 
 

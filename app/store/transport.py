@@ -238,7 +238,9 @@ class ClusterTransport(Transport):
 
     async def call(self, *command: Any) -> Any:
         try:
-            if self.coalesce and not self._rerouting and command[2]:
+            # Script calls share writes (their first key names the node); any other
+            # command goes through the cluster client, which finds its keys itself.
+            if self.coalesce and not self._rerouting and command[0] in _SCRIPTS and command[2]:
                 try:
                     return await self._node_of(command[3]).coalescer().call(*command)
                 except redis_errors.AskError:  # MOVED too: the call never ran
@@ -315,6 +317,8 @@ class ClusterTransport(Transport):
         return results
 
 
+#: The commands that share writes on a cluster: ``(name, sha or source, numkeys, key...)``.
+_SCRIPTS: Final = frozenset({"EVALSHA", "EVAL"})
 #: Connections per node for the shared writes: one write carries many calls.
 NODE_CONNECTIONS: Final = 16
 #: What a node's client takes over from the cluster client's settings.

@@ -51,6 +51,8 @@ EXPECTED_ROWS = [
     ("service", "HTTP usage, 2 worker"),
     ("batch", "HTTP batch reserve"),
     ("batch", "HTTP batch settle"),
+    ("webhook", "delivery lag under HTTP reserve load, p50"),
+    ("webhook", "delivery lag under HTTP reserve load, p99"),
     ("scale", "reserve.lua, random coaches, empty Redis"),
     ("scale", "reserve.lua, one coach, no lapsed holds"),
     ("scale", "coaches populated"),
