@@ -192,32 +192,12 @@ def redis_benchmark(
 
 
 def reserve_command(sha: str, *, coach: str, allowance: int, now: datetime) -> list[str]:
-    """The reserve script as the store calls it, with a random token per call."""
-    period = Period.containing(now)
-    keys = period_keys(coach, period)[:3]
-    now_ms = domain.to_ms(now)
-    start = domain.to_ms(period.starts_at)
-    return [
-        "evalsha",
-        sha,
-        str(len(keys)),
-        *keys,
-        str(now_ms),
-        "tok__rand_int__",
-        "checkin_draft",
-        "1",
-        str(now_ms + 300_000),
-        str(allowance),
-        str(domain.to_ms(period.keys_expire_at)),
-        str(domain.IDEMPOTENCY_TTL_SECONDS * 1000),
-        str(period),
-        "100",
-        "1000",
-        "",
-        str(start),
-        f"{now_ms - start:x}",
-        f"{now_ms + 300_000 - start:x}",
-    ]
+    """The reserve command exactly as the store builds it (its KEYS and ARGV), for the
+    script ``sha``, with a random token per call (redis-benchmark's placeholder)."""
+    builder = CreditStore(Redis(), allowance=allowance, clock=lambda: now)
+    made = builder._reserve_call(coach, "checkin_draft", 300, None, "")
+    token = made.rid.token
+    return ["evalsha", sha, *(str(a).replace(token, "tok__rand_int__") for a in made.command[2:])]
 
 
 #: The Redis commands of reserve.lua's common path with nothing around them (no checks,
@@ -354,8 +334,6 @@ async def bench_python(report: Report, redis: RedisProcess, load: Load) -> None:
     # The same store sending each call on its own round trip: what its own Python costs
     # beside a bare call, with nothing shared between callers.
     one_by_one = CreditStore(client, coalesce=False)
-    reserve_sha = store.scripts["reserve"].sha
-    settle_sha = store.scripts["settle"].sha
 
     async def bare_call(i: int) -> object:
         return await bare.evalsha(sha, 1, f"bare:{{c{random.randrange(space)}}}", 1, ALLOWANCE)
@@ -372,17 +350,20 @@ async def bench_python(report: Report, redis: RedisProcess, load: Load) -> None:
         reservation, _ = await one_by_one.reserve(coach, "checkin_draft")
         return await one_by_one.commit(str(reservation.reservation_id))
 
-    # Like for like: the same client settings and the same two scripts with the same
-    # KEYS/ARGV, called straight through redis-py: what the store adds is its own work.
-    async def bare_cycle(i: int) -> object:
-        now = datetime.now(UTC)
+    # Like for like: the same client settings, the same scripts and the very commands the
+    # store would send (built by the store beforehand, not while timed), called straight
+    # through redis-py: what the store adds is its own work.
+    pairs = []
+    for _ in range(n // 2 * (1 if report.quick else 2)):
         coach = f"bare-{random.randrange(space)}"
-        cmd = reserve_command(reserve_sha, coach=coach, allowance=ALLOWANCE, now=now)
-        token = os.urandom(16).hex()
-        args = [a.replace("tok__rand_int__", token) for a in cmd[3:]]
-        await client.evalsha(reserve_sha, 3, *args)
-        release = [str(domain.to_ms(now)), token, "100", "10000", cmd[12], "commit"]
-        return await client.evalsha(settle_sha, 3, *args[:3], *release)
+        made = store._reserve_call(coach, "checkin_draft", None, None, "")
+        pairs.append((made.command, store._settle_call(made.rid.text, "commit").command))
+    commands = iter(pairs)
+
+    async def bare_cycle(i: int) -> object:
+        reserve, settle = next(commands)
+        await client.execute_command(*reserve)
+        return await client.execute_command(*settle)
 
     # Interleaved rounds, best of each: a neighbour's burst during one run then costs
     # that run, not the comparison. Rates are script calls per second.
