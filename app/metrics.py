@@ -14,7 +14,8 @@ class Metrics:
         r = self.registry
         self.reservations = Counter(
             "credits_reservations_total",
-            "Reservation outcomes by feature: held, committed, refunded, expired, exhausted.",
+            "Reservation outcomes by feature: held, committed, refunded, expired, exhausted; "
+            "and holds extended.",
             ["feature", "outcome"],
             registry=r,
         )

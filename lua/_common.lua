@@ -3,10 +3,19 @@
 -- Key layout for one coach and one period (all in the slot of the hash tag {coach}):
 --   account  HASH  used, held (credits), seq (last event number),
 --                  next (ms: no hold expires before it; absent when there are no holds),
+--                  granted (credits the period's grants added, may be negative),
 --                  r:<token> -> "<state>|<cost>|<expires_ms>|<feature>"
 --                  state: h held, c committed, r refunded, e expired
 --   holds    ZSET  "<token>:<cost>" scored by expires_ms, live holds only
---   events   LIST  "<seq>|<ms>|<kind>|<token>|<feature>|<cost>", newest first, bounded
+--   events   LIST  "<seq>|<ms>|<kind>|<a>|<b>|<c>", newest first, bounded; a|b|c by kind:
+--                  held, committed, refunded, expired: <token>|<feature>|<cost>
+--                  extended: <token>|<feature>|<expires_ms>
+--                  granted: <grant_id>|<credits>|<reason>   allowance_changed: ||<allowance>
+--   grants   LIST  "<grant_id>|<ms>|<credits>|<reason>", oldest first, bounded by the caller
+-- and for the coach, in no period: the allowance override, a STRING holding the coach's
+-- own monthly allowance, absent unless set, never expiring.
+--
+-- The effective allowance of a period is (override or the configured allowance) + granted.
 --
 -- Every Redis command a script runs costs about as much as the script's own logic, so
 -- the common paths read the account in one HMGET and write it in one HSET, and `next`
@@ -39,7 +48,7 @@ end
 -- a script defines, on every call: for these that cost about as much as a Redis
 -- command, and reserve's common path needs none of them, so a script defines them only
 -- when it needs them (reserve: only off its common path).
-local num, parse_record, counters, sweep_due, push_event, log_event
+local num, parse_record, counters, sweep_due, push_event, log_event, base_allowance
 local expire_hold, release_lapsed, effective_held, settle_target, settle_hold, settle_reply
 
 local function define_helpers()
@@ -55,11 +64,17 @@ local function define_helpers()
     return state, tonumber(cost), tonumber(expires), feature
   end
 
-  -- The account's counters: used, held, seq, next (nil without holds) and whether the
-  -- hash exists (held is written with its first hold and never removed).
+  -- The account's counters: used, held, seq, next (nil without holds), whether the
+  -- hash exists (held is written with its first hold and never removed) and granted.
   function counters(account)
-    local used, held, seq, nxt = unpack(redis.call('HMGET', account, 'used', 'held', 'seq', 'next'))
-    return num(used), num(held), num(seq), tonumber(nxt), held ~= false
+    local used, held, seq, nxt, granted =
+      unpack(redis.call('HMGET', account, 'used', 'held', 'seq', 'next', 'granted'))
+    return num(used), num(held), num(seq), tonumber(nxt), held ~= false, num(granted)
+  end
+
+  -- The coach's monthly allowance: its own (the override key), else `configured`.
+  function base_allowance(override, configured)
+    return tonumber(redis.call('GET', override)) or tonumber(configured)
   end
 
   -- Whether some hold may have lapsed by `now`. Held credits include lapsed holds not yet
@@ -145,7 +160,8 @@ local function define_helpers()
   -- nothing, for an unknown token.
   function settle_target(account, holds, events, events_max, now, token, batch)
     local field = 'r:' .. token
-    local rec, used, held, seq, nxt = unpack(redis.call('HMGET', account, field, 'used', 'held', 'seq', 'next'))
+    local rec, used, held, seq, nxt, granted =
+      unpack(redis.call('HMGET', account, field, 'used', 'held', 'seq', 'next', 'granted'))
     if not rec then
       return nil
     end
@@ -166,7 +182,8 @@ local function define_helpers()
       end
     end
     return {prior = prior, state = state, cost = cost, expires = expires, feature = feature,
-            used = used, held = held, seq = seq, cost_text = cost_text, expires_text = expires_text}
+            used = used, held = held, seq = seq, cost_text = cost_text, expires_text = expires_text,
+            granted = num(granted), base = 0}
   end
 
   -- A live hold leaves the holds, settled as `state` (c or r) and logged as `kind` at
@@ -193,8 +210,10 @@ local function define_helpers()
     t.state = state
   end
 
+  -- `t.base` is the caller's to set (base_allowance) when the reply carries usage.
   function settle_reply(outcome, token, t)
     local again = t.prior ~= 'h' and 'again' or ''
-    return {outcome, t.used, t.held, token, t.state, t.cost, t.expires, t.feature, again, swept}
+    return {outcome, t.used, t.held, token, t.state, t.cost, t.expires, t.feature, again, swept,
+            t.base, t.granted}
   end
 end

@@ -2,22 +2,26 @@
 -- nothing, creates no key.
 --
 -- KEYS[1] account hash     KEYS[2] holds zset     KEYS[3] events list
+-- KEYS[4] the coach's allowance override (absent unless the coach has its own)
 -- ARGV[1] now (ms since epoch)
 -- ARGV[2] before: only events with a smaller seq (0: start at the newest)
 -- ARGV[3] limit: events per page
+-- ARGV[4] configured monthly allowance
 --
--- Reply: {status, used, held, token, state, cost, expires_ms, feature, extra, swept,
---         event, event, ...}
+-- Reply: {status, used, held, token, state, cost, expires_ms, feature, extra, swept, base,
+--         granted, event, event, ...}
 --   swept: credits this call returned from lapsed holds (their expiry)
 --   OK   used and held as of now (lapsed holds no longer count as held); extra = the
---        seq to pass as `before` for the next page, or '' on the last page; then up to
---        `limit` events "<seq>|<ms>|<kind>|<token>|<feature>|<cost>", newest first
+--        seq to pass as `before` for the next page, or '' on the last page; the monthly
+--        allowance in force and the period's grants; then up to `limit` events (their
+--        format is in the key layout above), newest first
 local account, holds, events = KEYS[1], KEYS[2], KEYS[3]
 local now, before, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 define_helpers()
 
-local used, held, _, nxt = counters(account)
-local reply = {'OK', used, effective_held(holds, now, held, nxt), '', '', 0, 0, '', '', swept}
+local used, held, _, nxt, _, granted = counters(account)
+local reply = {'OK', used, effective_held(holds, now, held, nxt), '', '', 0, 0, '', '', swept,
+               base_allowance(KEYS[4], ARGV[4]), granted}
 
 local head = redis.call('LINDEX', events, 0)
 if not head then

@@ -37,7 +37,25 @@ def period_keys(coach_id: str, period: Period | str) -> PeriodKeys:
     return PeriodKeys(f"{base}:account", f"{base}:holds", f"{base}:events")
 
 
+def allowance_key(coach_id: str) -> str:
+    """The coach's own monthly allowance (a number), absent unless one is set. Not per
+    period, and the one key of a coach that never expires while it is set."""
+    return f"{PREFIX}:{{{coach_id}}}:allowance"
+
+
+def grants_key(coach_id: str, period: Period | str) -> str:
+    """One period's grants, oldest first (see ``replies.decode_grant``)."""
+    return f"{PREFIX}:{{{coach_id}}}:{period}:grants"
+
+
 def idempotency_key_name(coach_id: str, principal: str, idempotency_key: str) -> str:
     # Hashed: a caller's key never appears raw in a key name (no braces, no size games).
     digest = hashlib.sha256(f"{principal}\n{idempotency_key}".encode()).hexdigest()[:40]
     return f"{PREFIX}:{{{coach_id}}}:idem:{digest}"
+
+
+def grant_idempotency_key_name(coach_id: str, principal: str, idempotency_key: str) -> str:
+    """A grant's idempotency record: the same scope as a reserve's (the caller's API key
+    and the coach, hashed), in a namespace of its own, so the two never meet."""
+    digest = hashlib.sha256(f"{principal}\n{idempotency_key}".encode()).hexdigest()[:40]
+    return f"{PREFIX}:{{{coach_id}}}:grant-idem:{digest}"
