@@ -23,6 +23,7 @@ from app.api.deps import KeyRing
 from app.api.events import router as events_router
 from app.api.hot import HotRoutes, can_front
 from app.api.limits import BodySizeLimit
+from app.api.operators import router as operators_router
 from app.api.routes import router
 from app.config import Settings
 from app.errors import BackendUnavailable
@@ -196,6 +197,7 @@ def create_app(
     problems.install(app)
     app.include_router(router)
     app.include_router(events_router)
+    app.include_router(operators_router)
     panel.install(app)
     app.add_middleware(BodySizeLimit)
     return app

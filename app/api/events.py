@@ -30,7 +30,7 @@ from typing import Annotated, Final, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from app import domain
 from app.api import paths  # noqa: F401  (registers the {coach_id:coach_id} path type)
@@ -39,25 +39,57 @@ from app.api.problems import PROBLEM_JSON
 from app.api.schemas import ProblemOut, usage_json
 from app.domain import Period
 from app.errors import BackendUnavailable, InvalidRequest
-from app.store import EventPage
+from app.store import Event, EventPage
 
 log = logging.getLogger("credits.api")
 
 router = APIRouter()
 
-EventKind = Literal["held", "committed", "refunded", "expired"]
 
 #: Sent with the first event: how long a browser's EventSource waits to reconnect.
 RECONNECT_MS: Final = 2000
 
 
-class EventOut(BaseModel):
+class ReservationEventOut(BaseModel):
     seq: int
     at: str
-    kind: EventKind
+    kind: Literal["held", "committed", "refunded", "expired"]
     reservation_id: str
     feature: str
     cost: int
+
+
+class ExtendedEventOut(BaseModel):
+    seq: int
+    at: str
+    kind: Literal["extended"]
+    reservation_id: str
+    expires_at: str = Field(description="The hold's new expiry.")
+
+
+class GrantedEventOut(BaseModel):
+    seq: int
+    at: str
+    kind: Literal["granted"]
+    grant_id: str
+    credits: int
+    reason: str
+
+
+class AllowanceChangedEventOut(BaseModel):
+    seq: int
+    at: str
+    kind: Literal["allowance_changed"]
+    monthly_allowance: int | None = Field(
+        description="The coach's own monthly allowance from now on; null: deleted, back "
+        "to the configured one."
+    )
+
+
+EventOut = Annotated[
+    ReservationEventOut | ExtendedEventOut | GrantedEventOut | AllowanceChangedEventOut,
+    Field(discriminator="kind"),
+]
 
 
 class EventsOut(BaseModel):
@@ -69,21 +101,21 @@ def _problems(*statuses: int) -> dict[int | str, dict[str, object]]:
     return {s: {"model": ProblemOut, "content": {PROBLEM_JSON: {}}} for s in statuses}
 
 
+def event_json(e: Event) -> dict[str, object]:
+    """One event with the fields of its kind."""
+    head: dict[str, object] = {"seq": e.seq, "at": domain.iso_z(e.at), "kind": e.kind}
+    if e.kind == "granted":
+        return {**head, "grant_id": e.grant_id, "credits": e.credits, "reason": e.reason}
+    if e.kind == "allowance_changed":
+        return {**head, "monthly_allowance": e.monthly_allowance}
+    if e.kind == "extended" and e.expires_at is not None:
+        expires_at = domain.iso_z(e.expires_at)
+        return {**head, "reservation_id": str(e.reservation_id), "expires_at": expires_at}
+    return {**head, "reservation_id": str(e.reservation_id), "feature": e.feature, "cost": e.cost}
+
+
 def events_json(page: EventPage) -> dict[str, object]:
-    return {
-        "events": [
-            {
-                "seq": e.seq,
-                "at": domain.iso_z(e.at),
-                "kind": e.kind,
-                "reservation_id": str(e.reservation_id),
-                "feature": e.feature,
-                "cost": e.cost,
-            }
-            for e in page.events
-        ],
-        "next_before": page.next_before,
-    }
+    return {"events": [event_json(e) for e in page.events], "next_before": page.next_before}
 
 
 @router.get(
@@ -93,7 +125,8 @@ def events_json(page: EventPage) -> dict[str, object]:
     tags=["usage"],
     summary="The coach's event log for one month, newest first",
     description=(
-        "Every hold, commit, refund and expiry, each numbered by `seq` (consecutive per "
+        "Every hold, commit, refund, expiry and extension, every grant and every change "
+        "of the coach's monthly allowance, each numbered by `seq` (consecutive per "
         "coach and month). Pages go backwards in time: pass `next_before` as `before` "
         "to get the next page; it is null on the last one. An expiry is logged when the "
         "service notices the lapsed hold (on the coach's next change), with `at` set to "

@@ -60,9 +60,10 @@ class FastJSONResponse(JSONResponse):
         return orjson.dumps(content)
 
 
-def json_response(status: int, body: bytes) -> Response:
-    """A ``FastJSONResponse`` for JSON already encoded: the same status, headers and body."""
-    return Response(body, status_code=status, media_type="application/json")
+def json_response(status: int, body: bytes, headers: dict[str, str] | None = None) -> Response:
+    """A ``FastJSONResponse`` for JSON already encoded: the same status, headers and body;
+    ``headers`` come first, as ``FastJSONResponse(..., headers=...)`` sends them."""
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
 def header(request: Request, name: bytes) -> str | None:

@@ -215,16 +215,14 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
     return replayed
 
 
-async def _send_json(send: Send, status: int, body: bytes) -> None:
+async def _send_json(
+    send: Send, status: int, body: bytes, headers: dict[str, str] | None = None
+) -> None:
     # The two messages ``app.api.fast.json_response`` sends, built directly.
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-length", str(len(body)).encode("latin-1")),
-                (b"content-type", _JSON),
-            ],
-        }
+    raw = (
+        [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()] if headers else []
     )
+    raw.append((b"content-length", str(len(body)).encode("latin-1")))
+    raw.append((b"content-type", _JSON))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})

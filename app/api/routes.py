@@ -17,6 +17,7 @@ from app.api import paths  # noqa: F401  (registers the {coach_id:coach_id} path
 from app.api.deps import WORKER_ACCESS, AnyScope, MetricsDep, Reader, StoreDep, Worker, store_of
 from app.api.fast import FastJSONResponse, FastRoute, header, json_response, served_by
 from app.api.problems import problem_body
+from app.api.quota import usage_quota_headers
 from app.api.schemas import (
     BatchReserveOut,
     BatchReserveRequest,
@@ -96,11 +97,21 @@ async def _hold(
     )
 
 
+def _reserve_answer(
+    store: CreditStore, reservation: Reservation, created: bool
+) -> tuple[int, bytes, dict[str, str]]:
+    """A reserve's answer, whichever way it came: status, body and quota headers (those
+    speak of the current period, also for a replay of an earlier period's reservation)."""
+    quota = usage_quota_headers(reservation.current or reservation.usage, store.clock())
+    return 201 if created else 200, encode_reservation(reservation), quota
+
+
 async def _reserve(
     request: Request, coach_id: str, body: ReserveRequest, key_id: str, idempotency_key: str | None
 ) -> Response:
-    reservation, created = await _hold(store_of(request), coach_id, body, key_id, idempotency_key)
-    return FastJSONResponse(reservation_json(reservation), status_code=201 if created else 200)
+    store = store_of(request)
+    reservation, created = await _hold(store, coach_id, body, key_id, idempotency_key)
+    return json_response(*_reserve_answer(store, reservation, created))
 
 
 async def reserve_reply(
@@ -109,8 +120,9 @@ async def reserve_reply(
     raw: bytes,
     authorization: str | None,
     idempotency_key: str | None,
-) -> tuple[int, bytes] | None:
-    """A reserve with the JSON body ``raw``, as the route answers it: status and body.
+) -> tuple[int, bytes, dict[str, str]] | None:
+    """A reserve with the JSON body ``raw``, as the route answers it: status, body and
+    the extra headers.
 
     None when the body does not validate: the standard handler answers that, with its
     exact wording. In the route's order too: a body that is not JSON at all is refused
@@ -122,7 +134,7 @@ async def reserve_reply(
     principal = WORKER_ACCESS.admit(state.keyring, authorization)
     store: CreditStore = state.store
     reservation, created = await _hold(store, coach_id, body, principal.key_id, idempotency_key)
-    return 201 if created else 200, encode_reservation(reservation)
+    return _reserve_answer(store, reservation, created)
 
 
 async def _reserve_fast(request: Request) -> Response | None:
@@ -295,7 +307,9 @@ def _item_problem(exc: CreditsError) -> dict[str, object]:
     tags=["usage"],
 )
 async def get_usage(coach_id: str, request: Request, _: AnyScope) -> JSONResponse:
-    return FastJSONResponse(usage_json(await store_of(request).usage(coach_id)))
+    store = store_of(request)
+    usage = await store.usage(coach_id)
+    return FastJSONResponse(usage_json(usage), headers=usage_quota_headers(usage, store.clock()))
 
 
 @router.post(

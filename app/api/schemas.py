@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 from typing import Annotated, Final, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app import domain
-from app.domain import Period, Reservation, Usage
+from app.domain import Grant, Period, Reservation, Usage
 
 LevelName = Literal["green", "amber", "red"]
 StatusName = Literal["held", "committed", "refunded", "expired"]
@@ -28,6 +28,58 @@ class ReserveRequest(_Strict):
     ttl_seconds: (
         Annotated[int, Field(ge=domain.MIN_TTL_SECONDS, le=domain.MAX_TTL_SECONDS)] | None
     ) = Field(default=None, description="How long the hold lives if nobody settles it.")
+
+
+class ExtendRequest(_Strict):
+    ttl_seconds: Annotated[
+        int,
+        Field(
+            ge=domain.MIN_TTL_SECONDS,
+            le=domain.MAX_TTL_SECONDS,
+            description="The hold then expires this many seconds from now.",
+            examples=[300],
+        ),
+    ]
+
+
+class AllowanceRequest(_Strict):
+    monthly_allowance: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=domain.MAX_MONTHLY_ALLOWANCE,
+            description="The coach's credits per month, from the current period on.",
+            examples=[200],
+        ),
+    ]
+
+
+class GrantRequest(_Strict):
+    credits: Annotated[
+        int,
+        Field(
+            ge=-domain.MAX_GRANT_CREDITS,
+            le=domain.MAX_GRANT_CREDITS,
+            description="Credits added to this period's allowance; negative removes them. Not 0.",
+            examples=[5],
+        ),
+    ]
+    reason: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=domain.MAX_GRANT_REASON_CHARS,
+            description="Why, for support staff.",
+            examples=["Goodwill after the outage of November 12"],
+        ),
+    ]
+
+    @field_validator("credits")
+    @classmethod
+    def _not_zero(cls, credits: int) -> int:
+        if credits == 0:
+            raise ValueError("a grant adds or removes at least one credit")
+        return credits
 
 
 class BatchUsageRequest(_Strict):
@@ -53,7 +105,14 @@ class FeatureAvailabilityOut(BaseModel):
 class UsageOut(BaseModel):
     coach_id: str
     period: Annotated[str, Field(examples=["2026-11"])]
-    allowance: int
+    allowance: int = Field(
+        description="base_allowance + granted (never below 0): what remaining, "
+        "percent_used and level are measured against."
+    )
+    base_allowance: int = Field(
+        description="The coach's monthly allowance: its own when set, else the configured one."
+    )
+    granted: int = Field(description="This period's grants added up; may be negative.")
     used: int
     held: int
     remaining: int
@@ -80,6 +139,20 @@ class ReservationOut(BaseModel):
         default=None,
         description="Present once committed, e.g. 'Used 3 credits · 34 of 50 left this month'.",
     )
+
+
+class GrantOut(BaseModel):
+    grant_id: str
+    coach_id: str
+    period: Annotated[str, Field(examples=["2026-11"])]
+    credits: int
+    reason: str
+    granted_at: Annotated[str, Field(examples=["2026-11-14T09:30:00Z"])]
+    usage: UsageOut
+
+
+class GrantsOut(BaseModel):
+    grants: list[GrantOut] = Field(description="Oldest first.")
 
 
 class ProblemOut(BaseModel):
@@ -168,6 +241,8 @@ def usage_json(u: Usage) -> dict[str, object]:
         "coach_id": u.coach_id,
         "period": period,
         "allowance": u.allowance,
+        "base_allowance": u.base_allowance,
+        "granted": u.granted,
         "used": u.used,
         "held": u.held,
         "remaining": u.remaining,
@@ -196,6 +271,18 @@ def reservation_json(r: Reservation) -> dict[str, object]:
     if note is not None:
         body["note"] = note
     return body
+
+
+def grant_json(g: Grant) -> dict[str, object]:
+    return {
+        "grant_id": g.grant_id,
+        "coach_id": g.coach_id,
+        "period": _period_texts(g.period)[0],
+        "credits": g.credits,
+        "reason": g.reason,
+        "granted_at": _iso_z(g.granted_at),
+        "usage": usage_json(g.usage),
+    }
 
 
 def encode_reservation(r: Reservation) -> bytes:
