@@ -43,6 +43,7 @@ CHROMIUM_ARGS = [
 NOW = datetime(2099, 11, 14, 12, 0, 0, tzinfo=UTC)
 NOW_ENV = "PANEL_TEST_NOW"
 WORKER_KEY = "panel-test-worker-key-0123456789"
+ADMIN_KEY = "panel-test-admin-key-0123456789"
 ALLOWANCE = 50
 RESET_LINE = "Resets December 1, 00:00 UTC"
 #: UTC+14: formatting the reset in the browser's zone would read December 1, 14:00.
@@ -117,7 +118,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITS_")}
     env |= {
         "CREDITS_REDIS_URL": redis.url,
-        "CREDITS_API_KEYS": json.dumps({WORKER_KEY: ["worker"]}),
+        "CREDITS_API_KEYS": json.dumps({WORKER_KEY: ["worker"], ADMIN_KEY: ["admin"]}),
         NOW_ENV: NOW.isoformat(),
     }
     log = workdir / "uvicorn.log"
@@ -233,6 +234,25 @@ def assert_usage_shown(page: Page, used: int, level: str, level_text: str) -> No
     width = page.locator("#usage-fill").evaluate("e => e.style.width")
     assert width == f"{used * 100 // ALLOWANCE}%"
     expect(page.locator("#resets")).to_have_text(RESET_LINE)
+
+
+@pytest.mark.real_redis
+def test_the_panel_shows_the_effective_allowance(page: Page, service: Service) -> None:
+    coach = "panel-granted"
+    service.spend(coach, 13)
+    granted = service.client.post(
+        f"/v1/coaches/{coach}/grants",
+        json={"credits": 5, "reason": "goodwill"},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    )
+    assert granted.status_code == 201, granted.text
+
+    open_panel(page, service, coach)
+
+    expect(page.locator("#used-count")).to_have_text("13 of 55")
+    expect(page.locator("#remaining")).to_have_text("42 credits left")
+    bar = page.get_by_role("progressbar", name="AI credits used this month")
+    expect(bar).to_have_attribute("aria-valuemax", "55")
 
 
 @pytest.mark.real_redis
