@@ -8,7 +8,12 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from app import domain
+from app.api.quota import usage_quota_headers
+from app.domain import Period, Usage
 from tests.conftest import FrozenClock
 
 COACH = "coach-quota"
@@ -133,3 +138,14 @@ async def test_batch_routes_and_other_answers_carry_none(api: httpx.AsyncClient)
     for resp in answers:
         assert "RateLimit" not in resp.headers, resp.request.url
         assert "RateLimit-Policy" not in resp.headers, resp.request.url
+
+
+@given(st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2400, 12, 31)))
+def test_t_is_the_seconds_until_the_reset_rounded_up(naive: datetime) -> None:
+    now = naive.replace(tzinfo=UTC)
+    period = Period.containing(now)
+    usage = Usage.of("c", period, allowance=50, used=1, held=0, costs={"checkin_draft": 1})
+    fields = dict(usage_quota_headers(usage, now))
+    t = domain.seconds_until(period.resets_at, now)
+    assert fields[b"ratelimit"] == f'"monthly";r=49;t={t}'.encode()
+    assert fields[b"ratelimit-policy"] == f'"monthly";q=50;w={period.seconds}'.encode()

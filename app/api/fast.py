@@ -60,10 +60,16 @@ class FastJSONResponse(JSONResponse):
         return orjson.dumps(content)
 
 
-def json_response(status: int, body: bytes, headers: dict[str, str] | None = None) -> Response:
-    """A ``FastJSONResponse`` for JSON already encoded: the same status, headers and body;
-    ``headers`` come first, as ``FastJSONResponse(..., headers=...)`` sends them."""
-    return Response(body, status_code=status, headers=headers, media_type="application/json")
+def json_response(
+    status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> Response:
+    """A ``FastJSONResponse`` for JSON already encoded: the same status, headers and body.
+    ``headers`` are raw ASGI pairs, sent first, as ``FastJSONResponse(..., headers=...)``
+    would send them."""
+    response = Response(body, status_code=status, media_type="application/json")
+    if headers:
+        response.raw_headers = [*headers, *response.raw_headers]
+    return response
 
 
 def header(request: Request, name: bytes) -> str | None:

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.limits import MAX_BODY_BYTES, BodySizeLimit
 from app.api.problems import on_credits_error, on_unexpected
+from app.api.quota import RawHeader
 from app.api.routes import COMMIT_PATH, RESERVE_PATH, commit_reply, reserve_reply
 from app.errors import CreditsError
 
@@ -216,13 +217,14 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
 
 
 async def _send_json(
-    send: Send, status: int, body: bytes, headers: dict[str, str] | None = None
+    send: Send, status: int, body: bytes, headers: list[RawHeader] | None = None
 ) -> None:
     # The two messages ``app.api.fast.json_response`` sends, built directly.
+    length = (b"content-length", str(len(body)).encode("latin-1"))
     raw = (
-        [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()] if headers else []
+        [*headers, length, (b"content-type", _JSON)]
+        if headers
+        else [length, (b"content-type", _JSON)]
     )
-    raw.append((b"content-length", str(len(body)).encode("latin-1")))
-    raw.append((b"content-type", _JSON))
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})

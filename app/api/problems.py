@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Match
 
-from app.api.quota import quota_headers
+from app.api.quota import headers_dict, quota_headers
 from app.errors import (
     BackendUnavailable,
     Conflict,
@@ -100,7 +100,8 @@ def error_response(exc: CreditsError, *, retry_after_unavailable: int = 1) -> Re
         headers["Retry-After"] = str(exc.retry_after)
         # Quota headers: a single reserve's 429 (batch items carry no headers). ``t`` is
         # Retry-After: the reset, or when holds alone block, the first hold's lapse.
-        headers.update(quota_headers(exc.allowance, exc.remaining, exc.period, exc.retry_after))
+        quota = quota_headers(exc.allowance, exc.remaining, exc.period, exc.retry_after)
+        headers.update(headers_dict(quota))
     elif isinstance(exc, BackendUnavailable):
         headers["Retry-After"] = str(retry_after_unavailable)
     elif isinstance(exc, Unauthorized):

@@ -17,7 +17,7 @@ from app.api import paths  # noqa: F401  (registers the {coach_id:coach_id} path
 from app.api.deps import WORKER_ACCESS, AnyScope, MetricsDep, Reader, StoreDep, Worker, store_of
 from app.api.fast import FastJSONResponse, FastRoute, header, json_response, served_by
 from app.api.problems import problem_body
-from app.api.quota import usage_quota_headers
+from app.api.quota import RawHeader, headers_dict, usage_quota_headers
 from app.api.schemas import (
     BatchReserveOut,
     BatchReserveRequest,
@@ -99,7 +99,7 @@ async def _hold(
 
 def _reserve_answer(
     store: CreditStore, reservation: Reservation, created: bool
-) -> tuple[int, bytes, dict[str, str]]:
+) -> tuple[int, bytes, list[RawHeader]]:
     """A reserve's answer, whichever way it came: status, body and quota headers (those
     speak of the current period, also for a replay of an earlier period's reservation)."""
     quota = usage_quota_headers(reservation.current or reservation.usage, store.clock())
@@ -120,7 +120,7 @@ async def reserve_reply(
     raw: bytes,
     authorization: str | None,
     idempotency_key: str | None,
-) -> tuple[int, bytes, dict[str, str]] | None:
+) -> tuple[int, bytes, list[RawHeader]] | None:
     """A reserve with the JSON body ``raw``, as the route answers it: status, body and
     the extra headers.
 
@@ -309,7 +309,8 @@ def _item_problem(exc: CreditsError) -> dict[str, object]:
 async def get_usage(coach_id: str, request: Request, _: AnyScope) -> JSONResponse:
     store = store_of(request)
     usage = await store.usage(coach_id)
-    return FastJSONResponse(usage_json(usage), headers=usage_quota_headers(usage, store.clock()))
+    quota = usage_quota_headers(usage, store.clock())
+    return FastJSONResponse(usage_json(usage), headers=headers_dict(quota))
 
 
 @router.post(
