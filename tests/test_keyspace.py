@@ -16,6 +16,7 @@ from redis.crc import key_slot
 
 from app.domain import COACH_ID_RE, Period
 from app.store import INSTANCE_KEY, CreditStore, idempotency_key_name, period_keys
+from app.store.keys import allowance_key, grant_idempotency_key_name, grants_key
 from tests.conftest import FrozenClock
 
 #: The whole contract charset and length range for coach ids.
@@ -30,15 +31,22 @@ idempotency_keys = st.text(
 )
 principals = st.text(min_size=0, max_size=64)
 
-#: What may follow the hash tag: a period key or a hashed idempotency key, nothing else.
-SUFFIX: Final = re.compile(r":(?:[0-9]{4}-[0-9]{2}:(?:account|holds|events)|idem:[0-9a-f]{40})")
+#: What may follow the hash tag: a period key, a hashed idempotency key (a reserve's or
+#: a grant's) or the coach's own allowance, nothing else.
+SUFFIX: Final = re.compile(
+    r":(?:[0-9]{4}-[0-9]{2}:(?:account|holds|events|grants)|(?:grant-)?idem:[0-9a-f]{40}"
+    r"|allowance)"
+)
 
 
 def names_for(coach_id: str, period: Period, idem: list[tuple[str, str]]) -> set[str]:
     keys = period_keys(coach_id, period)
-    return {keys.account, keys.holds, keys.events} | {
-        idempotency_key_name(coach_id, p, k) for p, k in idem
-    }
+    return (
+        {keys.account, keys.holds, keys.events, grants_key(coach_id, period)}
+        | {allowance_key(coach_id)}
+        | {idempotency_key_name(coach_id, p, k) for p, k in idem}
+        | {grant_idempotency_key_name(coach_id, p, k) for p, k in idem}
+    )
 
 
 def assert_well_formed(name: str, coach_id: str) -> None:
@@ -82,9 +90,14 @@ def test_no_two_coaches_or_months_share_a_key(
     a = names_for(coach_a, period_a, [("open", "same-key")])
     b = names_for(coach_b, period_b, [("open", "same-key")])
     if coach_a == coach_b:
-        # One coach: only the idempotency key is shared across months, by design (a
-        # replay after midnight finds the earlier reservation).
-        assert a & b == {idempotency_key_name(coach_a, "open", "same-key")}
+        # One coach: only the idempotency keys are shared across months, by design (a
+        # replay after midnight finds the earlier reservation or grant), and the coach's
+        # own allowance, which holds every month.
+        assert a & b == {
+            idempotency_key_name(coach_a, "open", "same-key"),
+            grant_idempotency_key_name(coach_a, "open", "same-key"),
+            allowance_key(coach_a),
+        }
     else:
         assert not a & b
 
@@ -97,6 +110,9 @@ def test_idempotency_keys_are_scoped_to_principal_and_key(
 ) -> None:
     assume((principal_a, key_a) != (principal_b, key_b))
     assert idempotency_key_name(coach_id, principal_a, key_a) != idempotency_key_name(
+        coach_id, principal_b, key_b
+    )
+    assert grant_idempotency_key_name(coach_id, principal_a, key_a) != grant_idempotency_key_name(
         coach_id, principal_b, key_b
     )
 
@@ -117,12 +133,18 @@ async def drive(coach_ids: list[str], keys: list[str]) -> list[str]:
                 )
                 rid = str(reservation.reservation_id)
                 await (store.commit(rid) if i % 2 else store.refund(rid))
+                await store.extend(
+                    str((await store.reserve(coach_id, "checkin_draft"))[0].reservation_id), 60
+                )
                 await store.get_reservation(rid)
+                await store.grant(coach_id, 1, "r", idempotency_key=key, principal=f"p{{{i}}} :x")
             await store.reserve(coach_id, "trend_analysis", ttl_seconds=1)
             clock.advance(minutes=2)  # into December: a second period's keys
             await store.reserve(coach_id, "trend_analysis")
             await store.usage(coach_id)
+            await store.grants(coach_id)
             clock.advance(minutes=-2)
+            await store.set_allowance(coach_id, 70)
         await store.usage_many(coach_ids)
         return [k async for k in redis.scan_iter(count=1000)]
     finally:
@@ -147,6 +169,7 @@ def test_a_real_store_writes_only_tagged_keys(coach_ids: list[str], keys: list[s
         assert_well_formed(name, owner)
         owners.setdefault(owner, []).append(name)
     for coach_id in coach_ids:
-        # Two periods (November and December), three keys each, plus one key per
-        # idempotency key: nothing else is stored for a coach.
-        assert len(owners[coach_id]) == 6 + len(keys), owners[coach_id]
+        # Two periods (November and December), three keys each, November's grants, two
+        # keys per idempotency key (a reserve's and a grant's) and the coach's own
+        # allowance: nothing else is stored for a coach.
+        assert len(owners[coach_id]) == 6 + 1 + 2 * len(keys) + 1, owners[coach_id]
