@@ -150,7 +150,7 @@ def iso_z(instant: datetime) -> str:
 
 
 def human_reset(resets_at: datetime) -> str:
-    """``December 1 at 00:00 UTC``."""
+    """``December 1 at 00:00 UTC``: always the next reset, so the year goes without saying."""
     return f"{resets_at:%B} {resets_at.day} at {resets_at:%H:%M} UTC"
 
 
@@ -192,8 +192,43 @@ def credits_word(n: int) -> str:
     return "credit" if n == 1 else "credits"
 
 
-def commit_note(cost: int, remaining_after: int, allowance: int) -> str:
-    return f"Used {cost} {credits_word(cost)} · {remaining_after} of {allowance} left this month"
+def commit_note(cost: int, remaining_after: int, allowance: int, month: str | None = None) -> str:
+    """``Used 3 credits · 34 of 50 left this month``; with ``month``, the figures are said
+    to be that month's (``46 of 50 left for December``)."""
+    where = "this month" if month is None else f"for {month}"
+    return f"Used {cost} {credits_word(cost)} · {remaining_after} of {allowance} left {where}"
+
+
+class Shortfall(StrEnum):
+    """Why a reserve did not fit."""
+
+    #: Everything in the allowance is used: the only case worded "exhausted".
+    ALL_USED = "all_used"
+    #: Credits remain, but fewer than the cost.
+    TOO_FEW = "too_few"
+    #: It would fit but for holds of actions still running, the first lapsing soon.
+    TIED_UP = "tied_up"
+
+
+def shortfall(*, cost: int, allowance: int, used: int, hold_wait_seconds: int | None) -> Shortfall:
+    if used >= allowance:
+        return Shortfall.ALL_USED
+    if allowance - used >= cost and hold_wait_seconds is not None:
+        return Shortfall.TIED_UP
+    return Shortfall.TOO_FEW
+
+
+_SHORTFALL_TITLES: Final = {
+    Shortfall.ALL_USED: "AI credits exhausted",
+    Shortfall.TOO_FEW: "Not enough AI credits",
+    Shortfall.TIED_UP: "AI credits tied up",
+}
+
+
+def exhausted_title(*, cost: int, allowance: int, used: int, hold_wait_seconds: int | None) -> str:
+    """The problem title of a reserve that does not fit; "exhausted" only when all is used."""
+    kind = shortfall(cost=cost, allowance=allowance, used=used, hold_wait_seconds=hold_wait_seconds)
+    return _SHORTFALL_TITLES[kind]
 
 
 def exhausted_detail(
@@ -208,32 +243,44 @@ def exhausted_detail(
 ) -> str:
     """The calm sentence a coach reads when an action does not fit.
 
-    Three cases: everything used; some left but not enough; enough in principle but
-    tied up in actions still running (``hold_wait_seconds`` is when the first frees up).
+    Three cases (``Shortfall``): everything used; some left but not enough; enough in
+    principle but tied up in actions still running (``hold_wait_seconds`` is when the
+    first frees up). Each is worded for one and for many.
     """
     when = human_reset(period.resets_at)
+    needs = f"{feature_label(feature)} needs {cost} {credits_word(cost)}"
+    kind = shortfall(cost=cost, allowance=allowance, used=used, hold_wait_seconds=hold_wait_seconds)
+    if kind is Shortfall.TIED_UP:
+        assert hold_wait_seconds is not None
+        within = _human_duration(hold_wait_seconds)
+        if held == 1:  # costs are whole credits, so one held credit is one action
+            return (
+                f"{needs}, and 1 of your credits is tied up in an AI action still in "
+                f"progress. It frees up within {within}. Please try again then."
+            )
+        return (
+            f"{needs}, and {held} of your credits are tied up in AI actions still in "
+            f"progress. They start to free up within {within}. Please try again then."
+        )
+    if kind is Shortfall.ALL_USED:
+        month = period.month_name
+        if allowance == 0:
+            return f"There are no AI credits in your allowance for {month}. It renews on {when}."
+        if allowance == 1:
+            return f"You've used your 1 AI credit for {month}. It refreshes on {when}."
+        return f"You've used all {allowance} AI credits for {month}. They refresh on {when}."
     left = remaining(allowance, used, held)
-    if allowance - used >= cost and hold_wait_seconds is not None:
-        return (
-            f"{feature_label(feature)} needs {cost} {credits_word(cost)}; {held} of your "
-            f"credits are tied up in AI actions still in progress and free up within "
-            f"{_human_duration(hold_wait_seconds)}. Please try again then."
-        )
-    if used >= allowance:
-        return (
-            f"You've used all {allowance} AI credits for {period.month_name}. "
-            f"They refresh on {when}."
-        )
-    return (
-        f"{feature_label(feature)} needs {cost} {credits_word(cost)} and you have {left} "
-        f"left this month. Credits refresh on {when}."
-    )
+    have = "none" if left == 0 else str(left)
+    return f"{needs} and you have {have} left this month. Credits refresh on {when}."
 
 
 def _human_duration(seconds: int) -> str:
     if seconds < 60:
         return f"{seconds} {'second' if seconds == 1 else 'seconds'}"
     minutes = -(-seconds // 60)
+    if minutes % 60 == 0:
+        hours = minutes // 60
+        return f"{hours} {'hour' if hours == 1 else 'hours'}"
     return f"{minutes} {'minute' if minutes == 1 else 'minutes'}"
 
 
@@ -437,8 +484,16 @@ class Reservation:
     #: reservation made in an earlier period (its quota headers speak of the current one).
     current: Usage | None = None
 
+    #: The period of the moment this answer was made, when that may differ from the
+    #: reservation's own (a hold settled after its month ended); None: the same.
+    as_of: Period | None = None
+
     @property
     def note(self) -> str | None:
+        """What the action cost and what is left, once committed: "this month" while the
+        answer is made in the reservation's month, else the month it speaks of."""
         if self.status is not Status.COMMITTED:
             return None
-        return commit_note(self.cost, self.usage.remaining, self.usage.allowance)
+        period = self.reservation_id.period
+        month = None if self.as_of in (None, period) else period.month_name
+        return commit_note(self.cost, self.usage.remaining, self.usage.allowance, month)

@@ -16,7 +16,8 @@ class CreditsError(Exception):
     """Base of every outcome the service reports to a caller as a problem."""
 
     code: ClassVar[str] = "error"
-    title: ClassVar[str] = "Error"
+    #: The problem's title; a class may word it per instance (``CreditsExhausted``).
+    title: str = "Error"
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -176,13 +177,16 @@ class GrantLimit(Conflict):
 
 
 class CreditsExhausted(CreditsError):
+    """A reserve that does not fit. The code is the same whatever the reason; the title
+    says which (``domain.exhausted_title``: "exhausted" only when all is used)."""
+
     code = "credits_exhausted"
-    title = "AI credits exhausted"
 
     def __init__(
         self,
         detail: str,
         *,
+        title: str,
         feature: str,
         cost: int,
         remaining: int,
@@ -192,6 +196,7 @@ class CreditsExhausted(CreditsError):
         period: Period,
     ) -> None:
         super().__init__(detail)
+        self.title = title
         self.feature = feature
         self.cost = cost
         self.remaining = remaining
@@ -226,3 +231,14 @@ class WriteRefused(BackendUnavailable):
 
     def __init__(self, refusal: str) -> None:
         super().__init__(f"Redis refused the write ({refusal}).")
+
+
+class TooManyStreams(CreditsError):
+    """This process has as many usage streams open as it allows."""
+
+    code = "too_many_streams"
+    title = "Too many usage streams"
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after

@@ -10,26 +10,25 @@ from contextlib import asynccontextmanager
 from typing import Any, Final
 
 from fastapi import FastAPI
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.maint_notifications import MaintNotificationsConfig
 from starlette.types import ASGIApp
 
-from app.api import panel, problems
+from app.api import openapi, panel, problems
 from app.api.deps import KeyRing
 from app.api.events import router as events_router
-from app.api.hot import HotRoutes, can_front
+from app.api.hot import with_front
 from app.api.limits import BodySizeLimit
 from app.api.operators import router as operators_router
 from app.api.routes import router
-from app.config import Settings
+from app.api.streams import UsageStreams
+from app.config import Settings, load_settings
 from app.errors import BackendUnavailable
 from app.metrics import Metrics
 from app.store import AnyRedis, Clock, CreditStore, utc_now
-from app.store.shared_writes import PackedConnection
+from app.store.shared_writes import shared_write_client
 
 log = logging.getLogger("credits")
 
@@ -55,8 +54,7 @@ class CreditsAPI(FastAPI):
     wherever that gives the same answers (see ``app.api.hot``)."""
 
     def build_middleware_stack(self) -> ASGIApp:
-        standard = super().build_middleware_stack()
-        return HotRoutes(self, standard) if can_front(self) else standard
+        return with_front(self, super().build_middleware_stack())
 
 
 def op_timeout_seconds(settings: Settings) -> float:
@@ -95,25 +93,11 @@ def connect(settings: Settings) -> AnyRedis:
         assert isinstance(cluster, WaitingRedisCluster)
         cluster.permits = asyncio.Semaphore(settings.redis_max_connections)
         return cluster
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        decode_responses=True,
-        # No per-read timeout: the store bounds each whole operation (pool wait, connect
-        # and replies together) with one deadline, which is cheaper than redis-py's timer
-        # around every reply (a batch reads one reply per item) and just as prompt.
-        socket_timeout=None,
-        socket_connect_timeout=timeout,
+    return shared_write_client(
+        url=settings.redis_url,
+        timeout_seconds=timeout,
         max_connections=settings.redis_max_connections,
-        timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        # With maintenance notifications on (the default under RESP3), the pool skips its
-        # check for a closed socket before lending a connection, so the first call after a
-        # Redis restart went out on a dead connection and was answered 503.
-        maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
-    if pool.connection_class is Connection:  # plain TCP (TLS and sockets keep theirs)
-        pool.connection_class = PackedConnection
-    return Redis(connection_pool=pool)
 
 
 #: Container allocations (less deallocations) between two young-generation collections.
@@ -126,9 +110,10 @@ _heap_settled = False
 
 
 def settle_heap() -> None:
-    """Once per process, as it starts serving: what exists by now (modules, the app, its
-    routes and models) lives as long as the process, so it is moved out of the cycle
-    collector's sight (``gc.freeze``), and the young generation is collected less often.
+    """Once per process, as the production app starts serving: what exists by now
+    (modules, the app, its routes and models) lives as long as the process, so it is
+    moved out of the cycle collector's sight (``gc.freeze``), and the young generation
+    is collected less often.
     Under load the collector had cost about a tenth of a request's CPU, in pauses of up
     to 80 ms; with this, a few per cent of that."""
     global _heap_settled
@@ -146,8 +131,11 @@ def create_app(
     *,
     redis: AnyRedis | None = None,
     clock: Clock = utc_now,
+    tune_gc: bool = False,
 ) -> FastAPI:
-    settings = settings or Settings()
+    """The app. ``tune_gc`` changes the process's garbage collection as it starts serving
+    (``settle_heap``): for the process that serves it alone, never for a host or a test."""
+    settings = settings or load_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -163,6 +151,13 @@ def create_app(
             clock=clock,
             metrics=app.state.metrics,
         )
+        app.state.streams = UsageStreams(
+            app.state.store,
+            app.state.metrics,
+            poll_seconds=settings.stream_poll_seconds,
+            lifetime_seconds=settings.stream_max_seconds,
+            max_streams=settings.streams_max,
+        )
         if settings.embedded:
             log.warning(
                 "EMBEDDED REDIS: CREDITS_REDIS_URL is not set, so credits live in this "
@@ -177,11 +172,14 @@ def create_app(
             await app.state.store.ensure_scripts()
         except BackendUnavailable:
             log.warning("redis is not reachable at start-up; serving 503 until it is")
-        settle_heap()
+        if tune_gc:
+            settle_heap()
         try:
             yield
         finally:
+            await app.state.streams.aclose()
             await app.state.store.drain()
+            await app.state.store.aclose()
             if redis is None:
                 await client.aclose()
 
@@ -190,8 +188,13 @@ def create_app(
         version="1.0.0",
         summary="Monthly AI credits for coaches: reserve, commit on success, refund on failure.",
         lifespan=lifespan,
+        # Served by app.api.openapi from assets shipped in a package: no CDN.
+        docs_url=None,
+        redoc_url=None,
+        generate_unique_id_function=lambda route: route.name,
     )
     app.state.settings = settings
+    app.state.fast_path_warning = None
     app.state.keyring = KeyRing({k: list(v) for k, v in settings.api_keys.items()})
     app.state.metrics = Metrics()
     problems.install(app)
@@ -199,8 +202,10 @@ def create_app(
     app.include_router(events_router)
     app.include_router(operators_router)
     panel.install(app)
+    openapi.install(app)
     app.add_middleware(BodySizeLimit)
     return app
 
 
-app = create_app()
+#: What ``uvicorn app.main:app`` serves: the one process that owns its heap.
+app = create_app(tune_gc=True)

@@ -28,16 +28,21 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
+import httpx
 import uvloop
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from app import domain
 from app.config import Settings
 from app.domain import Period
+from app.errors import CreditsExhausted
 from app.main import connect
 from app.store import CreditStore, ReserveItem, load_script_source, period_keys
 from bench.floor_app import MINIMAL_SCRIPT
-from bench.procs import VENV_BIN, CpuMeter, RedisServer, Uvicorn, ensure_tool, free_port
+from bench.procs import VENV_BIN, CpuMeter, ensure_tool
+from tests.support.cluster import LocalCluster
+from tests.support.redis import RedisProcess, free_port
+from tests.support.service import Uvicorn
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 WRK_DIR: Final = Path(__file__).resolve().parent / "wrk"
@@ -48,7 +53,7 @@ ALLOWANCE: Final = 50
 
 # Databases of the one private Redis: the service's data (checked at the end), scratch
 # for raw Redis and peer runs, the floor's keys, and the scaling runs.
-DB_SERVICE, DB_SCRATCH, DB_FLOOR, DB_SCALE = 0, 1, 2, 3
+DB_SERVICE, DB_SCRATCH, DB_FLOOR, DB_SCALE, DB_CLUSTER_PEER = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -215,8 +220,8 @@ return {'OK', 0, 1, ARGV[2], 'h', 1, ARGV[5], ARGV[3], '', 0}
 """
 
 
-async def bench_limit(report: Report, redis: RedisServer, load: Load) -> None:
-    client = Redis.from_url(redis.url(DB_SCRATCH), decode_responses=True)
+async def bench_limit(report: Report, redis: RedisProcess, load: Load) -> None:
+    client = Redis.from_url(redis.db_url(DB_SCRATCH), decode_responses=True)
     minimal_sha = await client.script_load(MINIMAL_SCRIPT)
     reserve_sha = await client.script_load(load_script_source("reserve"))
     commands_sha = await client.script_load(RESERVE_COMMANDS_ONLY)
@@ -318,19 +323,19 @@ def pooled(url: str) -> Redis:
     )
 
 
-async def bench_python(report: Report, redis: RedisServer, load: Load) -> None:
+async def bench_python(report: Report, redis: RedisProcess, load: Load) -> None:
     from limits import RateLimitItemPerMonth
     from limits.aio.strategies import FixedWindowRateLimiter
     from limits.storage import storage_from_string
 
     n = load.python_ops
     space = 1_000_000
-    bare = pooled(redis.url(DB_SCRATCH))
+    bare = pooled(redis.db_url(DB_SCRATCH))
     sha = await bare.script_load(MINIMAL_SCRIPT)
     storage: Any = storage_from_string(f"async+redis://127.0.0.1:{redis.port}/{DB_SCRATCH}")
     limiter = FixedWindowRateLimiter(storage)
     item = RateLimitItemPerMonth(ALLOWANCE)
-    client = connect(Settings(redis_url=redis.url(DB_SERVICE)))
+    client = connect(Settings(redis_url=redis.db_url(DB_SERVICE), allow_open=True))
     store = CreditStore(client)
     await store.ensure_scripts()
     # The same store sending each call on its own round trip: what its own Python costs
@@ -527,16 +532,16 @@ def wrk(
     )
 
 
-def service_env(redis: RedisServer) -> dict[str, str]:
+def service_env(redis: RedisProcess) -> dict[str, str]:
     return {
-        "CREDITS_REDIS_URL": redis.url(DB_SERVICE),
+        "CREDITS_REDIS_URL": redis.db_url(DB_SERVICE),
         "CREDITS_API_KEYS": json.dumps({API_KEY: ["worker"]}),
     }
 
 
-async def make_reservations(redis: RedisServer, count: int, prefix: str) -> str:
+async def make_reservations(redis: RedisProcess, count: int, prefix: str) -> str:
     """``count`` held reservations on distinct coaches; the file of their ids."""
-    client = connect(Settings(redis_url=redis.url(DB_SERVICE)))
+    client = connect(Settings(redis_url=redis.db_url(DB_SERVICE), allow_open=True))
     store = CreditStore(client)
     ids: list[str] = []
     for start in range(0, count, 500):
@@ -561,14 +566,14 @@ def wrk_row(report: Report, section: str, name: str, r: WrkResult, unit: str = "
     report.add(section, name, r.rps, unit, note)
 
 
-async def bench_http(report: Report, redis: RedisServer, load: Load) -> None:
+async def bench_http(report: Report, redis: RedisProcess, load: Load) -> None:
     secs = load.wrk_seconds
-    floor_env = {"BENCH_REDIS_URL": redis.url(DB_FLOOR)}
+    floor_env = {"BENCH_REDIS_URL": redis.db_url(DB_FLOOR)}
     floors: list[WrkResult] = []
 
     def floor_run(when: str) -> None:
         port = free_port()
-        with Uvicorn(floor_argv(port), floor_env, port) as srv:
+        with Uvicorn(floor_argv(port), floor_env, port, ready_path=None) as srv:
             wrk(srv.base, "reserve", 1)  # warm-up
             r = wrk(srv.base, "reserve", secs)
         floors.append(r)
@@ -635,7 +640,150 @@ async def bench_http(report: Report, redis: RedisServer, load: Load) -> None:
     )
 
 
-async def bench_batches(report: Report, redis: RedisServer, load: Load, base: str) -> None:
+async def bench_cluster(report: Report, redis: RedisProcess, load: Load) -> None:
+    """HTTP reserve with one worker on one Redis and on a local cluster of three primaries,
+    in interleaved rounds (median of 3); three primaries with a replica each beside it.
+    On two cores the replicas only compete for CPU (in production they run elsewhere),
+    so that row has no target."""
+    secs = load.wrk_seconds
+    rounds = 1 if report.quick else 3
+
+    def env(url: str, cluster: bool) -> dict[str, str]:
+        return {
+            "CREDITS_REDIS_URL": url,
+            "CREDITS_REDIS_CLUSTER": "true" if cluster else "false",
+            "CREDITS_API_KEYS": json.dumps({API_KEY: ["worker"]}),
+        }
+
+    def service(url: str, cluster: bool) -> Uvicorn:
+        port = free_port()
+        return Uvicorn(production_argv(port, 1), env(url, cluster), port)
+
+    def median_reserve(servers: dict[str, Uvicorn]) -> dict[str, WrkResult]:
+        results: dict[str, list[WrkResult]] = {name: [] for name in servers}
+        for srv in servers.values():
+            wrk(srv.base, "reserve", 1, key=API_KEY)  # warm-up
+        for _ in range(rounds):
+            for name, srv in servers.items():
+                results[name].append(wrk(srv.base, "reserve", secs, key=API_KEY))
+        return {n: sorted(rs, key=lambda r: r.rps)[len(rs) // 2] for n, rs in results.items()}
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    with (
+        LocalCluster(workdir / "three", replicas=0) as three,
+        service(redis.db_url(DB_CLUSTER_PEER), False) as single,
+        service(three.live_seed_url(), True) as clustered,
+    ):
+        got = median_reserve({"single": single, "three": clustered})
+    with (
+        LocalCluster(workdir / "six", replicas=1) as six,
+        service(six.live_seed_url(), True) as srv,
+    ):
+        got |= median_reserve({"six": srv})
+    note = f"median of {rounds} interleaved round(s)"
+    wrk_row(report, "cluster", f"HTTP reserve, 1 worker, one Redis ({note})", got["single"])
+    wrk_row(report, "cluster", "HTTP reserve, 1 worker, cluster of 3 primaries", got["three"])
+    wrk_row(
+        report, "cluster", "HTTP reserve, 1 worker, cluster of 3 primaries + 3 replicas", got["six"]
+    )
+    report.target(
+        "HTTP reserve on a cluster of 3 primaries vs one Redis",
+        got["three"].rps / got["single"].rps,
+        0.85,
+    )
+
+
+#: Open usage streams in the stream rows; the service's default cap.
+STREAMS = 1000
+
+
+async def bench_streams(report: Report, redis: RedisProcess, load: Load) -> None:
+    """Idle usage streams on one worker: Redis round trips and script calls per second
+    with 1,000 streams over 1,000 coaches, and with 1,000 on one coach. Read one by one,
+    each stream would cost one round trip per poll interval (1 s)."""
+    seconds = 2.0 if report.quick else 6.0
+    port = free_port()
+    env = {**service_env(redis), "CREDITS_STREAMS_MAX": str(STREAMS)}
+    admin = Redis.from_url(redis.db_url(DB_SERVICE), decode_responses=True)
+
+    async def evalsha_calls() -> int:
+        stats = await admin.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+    def writes(metrics: str) -> float:
+        match = re.search(r"^credits_redis_commands_per_write_count (\S+)$", metrics, re.M)
+        return float(match[1]) if match else 0.0
+
+    async def idle(srv: Uvicorn, coaches: list[str]) -> tuple[float, float]:
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        limits = httpx.Limits(max_connections=STREAMS + 10, max_keepalive_connections=0)
+        async with httpx.AsyncClient(
+            base_url=srv.base, headers=headers, limits=limits, timeout=30
+        ) as http:
+            opened = asyncio.Event()
+            ready = 0
+
+            async def stream(coach: str) -> None:
+                nonlocal ready
+                path = f"/v1/coaches/{coach}/usage/stream"
+                async with http.stream("GET", path) as resp:
+                    assert resp.status_code == 200, resp.status_code
+                    async for line in resp.aiter_lines():
+                        if line.startswith("data:"):
+                            ready += 1
+                            if ready == len(coaches):
+                                opened.set()
+                            await asyncio.sleep(3600)  # held open, idle
+
+            tasks = [asyncio.create_task(stream(c)) for c in coaches]
+            await asyncio.wait_for(opened.wait(), 120)
+            await asyncio.sleep(1.5)  # past the first polls
+            calls0, writes0 = await evalsha_calls(), writes((await http.get("/metrics")).text)
+            started = time.monotonic()
+            await asyncio.sleep(seconds)
+            calls1, writes1 = await evalsha_calls(), writes((await http.get("/metrics")).text)
+            span = time.monotonic() - started
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return (writes1 - writes0) / span, (calls1 - calls0) / span
+
+    with Uvicorn(production_argv(port, 1), env, port) as srv:
+        spread_trips, spread_calls = await idle(srv, [f"stream-{i}" for i in range(STREAMS)])
+        one_trips, one_calls = await idle(srv, ["stream-one"] * STREAMS)
+    await admin.aclose()
+    each = f"{STREAMS:,} idle streams on one worker"
+    report.add(
+        "streams",
+        f"Redis round trips/s, {each} over {STREAMS:,} coaches",
+        spread_trips,
+        "/s",
+        f"one by one: {STREAMS:,}/s",
+    )
+    report.add(
+        "streams",
+        f"script calls/s, {each} over {STREAMS:,} coaches",
+        spread_calls,
+        "/s",
+        "one read per coach per poll",
+    )
+    report.add(
+        "streams",
+        f"script calls/s, {each} on one coach",
+        one_calls,
+        "/s",
+        f"round trips {one_trips:.1f}/s",
+    )
+    report.target(
+        "stream round trips/s vs one read per stream (1,000 coaches)",
+        spread_trips / STREAMS,
+        1 / 20,
+        False,
+    )
+    report.target("script calls per poll, 1,000 streams on one coach", one_calls, 1.5, False)
+
+
+async def bench_batches(report: Report, redis: RedisProcess, load: Load, base: str) -> None:
     secs, per = load.wrk_seconds, load.batch_items
     r = wrk(base, "batch_reserve", secs, key=API_KEY, per_batch=per)
     reserve_ops = report.add(
@@ -687,8 +835,8 @@ return n
 """
 
 
-async def bench_scaling(report: Report, redis: RedisServer, load: Load) -> None:
-    client = Redis.from_url(redis.url(DB_SCALE), decode_responses=True)
+async def bench_scaling(report: Report, redis: RedisProcess, load: Load) -> None:
+    client = Redis.from_url(redis.db_url(DB_SCALE), decode_responses=True)
     await client.flushdb()
     sha = await client.script_load(load_script_source("reserve"))
     now = datetime.now(UTC)
@@ -786,8 +934,8 @@ async def bench_scaling(report: Report, redis: RedisServer, load: Load) -> None:
     await client.aclose()
 
 
-async def bench_memory(report: Report, redis: RedisServer) -> None:
-    client = Redis.from_url(redis.url(DB_SCALE), decode_responses=True)
+async def bench_memory(report: Report, redis: RedisProcess) -> None:
+    client = Redis.from_url(redis.db_url(DB_SCALE), decode_responses=True)
     await client.flushdb()
     store = CreditStore(client, allowance=ALLOWANCE)
     await store.ensure_scripts()
@@ -821,20 +969,48 @@ async def bench_memory(report: Report, redis: RedisServer) -> None:
 # --- correctness ---------------------------------------------------------------------------
 
 
-async def check_correctness(report: Report, redis: RedisServer) -> None:
-    client = Redis.from_url(redis.url(DB_SERVICE), decode_responses=True)
-    checked = over = 0
+#: Coaches the correctness check drives past their allowance with racing reserves.
+EXHAUSTED_COACHES = 100
+
+
+async def exhaust_coaches(redis: RedisProcess) -> None:
+    """Racing reserves (more than the allowance) on a set of coaches, then commits: the
+    correctness check then covers coaches that really reached their allowance."""
+    client = connect(Settings(redis_url=redis.db_url(DB_SERVICE), allow_open=True))
+    store = CreditStore(client, allowance=ALLOWANCE)
+    features = ["checkin_draft", "trend_analysis"]
+
+    async def one(coach: str, i: int) -> str | None:
+        try:
+            reservation, _ = await store.reserve(coach, features[i % 2])
+        except CreditsExhausted:
+            return None
+        return str(reservation.reservation_id)
+
+    for n in range(EXHAUSTED_COACHES):
+        coach = f"exhaust-{n}"
+        ids = await asyncio.gather(*(one(coach, i) for i in range(2 * ALLOWANCE)))
+        await asyncio.gather(*(store.commit(rid) for rid in ids if rid is not None))
+    await store.aclose()
+    await client.aclose()
+
+
+async def check_correctness(report: Report, redis: RedisProcess) -> None:
+    await exhaust_coaches(redis)
+    client = Redis.from_url(redis.db_url(DB_SERVICE), decode_responses=True)
+    checked = over = full = 0
     batch: list[str] = []
 
     async def flush() -> None:
-        nonlocal checked, over
+        nonlocal checked, over, full
         async with client.pipeline(transaction=False) as pipe:
             for name in batch:
                 pipe.hmget(name, "used", "held")
             for used, held in await pipe.execute():
                 checked += 1
-                if int(used or 0) + int(held or 0) > ALLOWANCE:
-                    over += 1
+                spent = int(used or 0) + int(held or 0)
+                over += spent > ALLOWANCE
+                full += spent == ALLOWANCE
         batch.clear()
 
     async for name in client.scan_iter(match="credits:{*}:*:account", count=1000):
@@ -845,7 +1021,8 @@ async def check_correctness(report: Report, redis: RedisServer) -> None:
     await client.aclose()
     report.add("check", "coach-months checked after all loads", checked, "coaches")
     report.add("check", "coach-months above their allowance (used + held)", over, "coaches")
-    report.correct = checked > 0 and over == 0
+    report.add("check", "coach-months that reached their allowance", full, "coaches")
+    report.correct = checked > 0 and over == 0 and full >= EXHAUSTED_COACHES
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -854,11 +1031,13 @@ async def check_correctness(report: Report, redis: RedisServer) -> None:
 async def run(load: Load, quick: bool) -> Report:
     report = Report(quick=quick)
     ensure_tool("wrk", "wrk")
-    with RedisServer() as redis:
+    with RedisProcess(Path(tempfile.mkdtemp(prefix="bench-redis-"))) as redis:
         print(f"bench: private redis-server on port {redis.port}", flush=True)
         await bench_limit(report, redis, load)
         await bench_python(report, redis, load)
         await bench_http(report, redis, load)
+        await bench_cluster(report, redis, load)
+        await bench_streams(report, redis, load)
         await bench_scaling(report, redis, load)
         await bench_memory(report, redis)
         await check_correctness(report, redis)

@@ -4,7 +4,7 @@ the HTTP app over either."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import fakeredis
@@ -16,29 +16,9 @@ from redis.asyncio.cluster import RedisCluster
 from app.config import Settings
 from app.main import create_app
 from app.store import AnyRedis, CreditStore
-from tests.cluster import LocalCluster
-from tests.redis_procs import RedisProcess
-
-
-class FrozenClock:
-    """A clock that only moves when a test moves it.
-
-    Tests start in 2099: period keys expire at absolute instants derived from this clock,
-    and a real Redis (or fakeredis) deletes keys whose instant has already passed."""
-
-    def __init__(self, start: datetime) -> None:
-        self.now = start
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float = 0, **delta: float) -> datetime:
-        self.now += timedelta(seconds=seconds, **delta)
-        return self.now
-
-    def set(self, instant: datetime) -> datetime:
-        self.now = instant
-        return self.now
+from tests.support.clock import FrozenClock
+from tests.support.cluster import LocalCluster
+from tests.support.redis import RedisProcess
 
 
 @pytest.fixture

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.openapi.models import HTTPBearer
+from fastapi.security.base import SecurityBase
 
 from app.config import Scope
 from app.errors import Forbidden, Unauthorized
@@ -83,15 +85,23 @@ async def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
-class Access:
+#: The bearer scheme's name in the OpenAPI document.
+BEARER_SCHEME = "bearerAuth"
+
+
+class Access(SecurityBase):
     """A dependency that admits keys holding any of its scopes (admin always passes).
 
     ``admit`` is the check itself, for routes that read the header without FastAPI's
-    parameter machinery (see ``app.api.fast``)."""
+    parameter machinery (see ``app.api.hot``). As a ``SecurityBase`` it is documented
+    as the bearer scheme on every route that depends on it, with its scopes."""
 
     def __init__(self, *scopes: Scope) -> None:
         self.allowed = frozenset((*scopes, Scope.ADMIN))
         self.names = " or ".join(s.value for s in scopes)
+        self.scopes = [s.value for s in scopes]
+        self.model = HTTPBearer(description="An API key from CREDITS_API_KEYS.")
+        self.scheme_name = BEARER_SCHEME
 
     def admit(self, keyring: KeyRing, authorization: str | None) -> Principal:
         if keyring.open:  # open mode: nothing to compare, every scope is held
@@ -110,10 +120,15 @@ def require(*scopes: Scope) -> Access:
     return Access(*scopes)
 
 
+def guarded(access: Access) -> Any:
+    """``access`` as a route parameter's dependency, its scopes in the OpenAPI document."""
+    return Security(access, scopes=access.scopes)
+
+
 WORKER_ACCESS = require(Scope.WORKER)
 
 StoreDep = Annotated[CreditStore, Depends(get_store)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-Worker = Annotated[Principal, Depends(WORKER_ACCESS)]
-Reader = Annotated[Principal, Depends(require(Scope.READER))]
-AnyScope = Annotated[Principal, Depends(require(Scope.WORKER, Scope.READER))]
+Worker = Annotated[Principal, guarded(WORKER_ACCESS)]
+Reader = Annotated[Principal, guarded(require(Scope.READER))]
+AnyScope = Annotated[Principal, guarded(require(Scope.WORKER, Scope.READER))]

@@ -3,23 +3,22 @@ grants of credits, and holds that live as long as the work (extend)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final
+from typing import Annotated, Final
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from starlette.responses import Response
 
 from app import domain
 from app.api import paths  # noqa: F401  (registers the {coach_id:coach_id} path type)
-from app.api.deps import Principal, Reader, Worker, require, store_of
-from app.api.fast import FastJSONResponse
-from app.api.problems import PROBLEM_JSON
+from app.api.answers import FastJSONResponse
+from app.api.deps import Principal, Reader, Worker, guarded, require, store_of
+from app.api.openapi import problems
 from app.api.schemas import (
     AllowanceRequest,
     ExtendRequest,
     GrantOut,
     GrantRequest,
     GrantsOut,
-    ProblemOut,
     ReservationOut,
     UsageOut,
     grant_json,
@@ -32,76 +31,10 @@ from app.errors import InvalidRequest
 
 router = APIRouter()
 
-Admin = Annotated[Principal, Depends(require(Scope.ADMIN))]
+Admin = Annotated[Principal, guarded(require(Scope.ADMIN))]
 
 ALLOWANCE_PATH: Final = "/v1/coaches/{coach_id:coach_id}/allowance"
 GRANTS_PATH: Final = "/v1/coaches/{coach_id:coach_id}/grants"
-
-_AUTH = (401, 403, 413, 503)
-
-_USAGE_EXAMPLE: Final = {
-    "coach_id": "coach-42",
-    "period": "2026-11",
-    "allowance": 205,
-    "base_allowance": 200,
-    "granted": 5,
-    "used": 13,
-    "held": 0,
-    "remaining": 192,
-    "percent_used": 6,
-    "level": "green",
-    "resets_at": "2026-12-01T00:00:00Z",
-    "features": [
-        {"feature": "checkin_draft", "cost": 1, "available": True},
-        {"feature": "trend_analysis", "cost": 3, "available": True},
-    ],
-}
-_GRANT_EXAMPLE: Final = {
-    "grant_id": "nq3Xw0sE1kq0bP6w8T0M7A",
-    "coach_id": "coach-42",
-    "period": "2026-11",
-    "credits": 5,
-    "reason": "Goodwill after the outage of November 12",
-    "granted_at": "2026-11-14T09:30:00Z",
-    "usage": _USAGE_EXAMPLE,
-}
-_RESERVATION_EXAMPLE: Final = {
-    "reservation_id": "Y29hY2gtNDI.202611.DzUcuqCxgVPRgWRBUBiyvw",
-    "coach_id": "coach-42",
-    "feature": "trend_analysis",
-    "cost": 3,
-    "status": "held",
-    "period": "2026-11",
-    "expires_at": "2026-11-14T09:40:00Z",
-    "usage": {**_USAGE_EXAMPLE, "held": 3, "remaining": 189},
-}
-
-
-def _problem(status: int, *examples: tuple[str, str]) -> dict[str, Any]:
-    """A problem response, with one example per code it may carry."""
-    content: dict[str, Any] = {}
-    if examples:
-        content["examples"] = {
-            code: {
-                "value": {
-                    "type": f"/problems/{code}",
-                    "title": code.replace("_", " ").capitalize(),
-                    "status": status,
-                    "detail": detail,
-                    "code": code,
-                }
-            }
-            for code, detail in examples
-        }
-    return {"model": ProblemOut, "content": {PROBLEM_JSON: content}}
-
-
-def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {s: _problem(s) for s in statuses}
-
-
-def _ok(example: object, description: str = "Successful Response") -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"example": example}}}
 
 
 def _period(period: str | None) -> Period | None:
@@ -119,7 +52,7 @@ def _period(period: str | None) -> Period | None:
 @router.put(
     ALLOWANCE_PATH,
     response_model=UsageOut,
-    responses={200: _ok(_USAGE_EXAMPLE), **_problems(422, *_AUTH)},
+    responses=problems("invalid_coach_id", "invalid_request", "not_found", "backend_unavailable"),
     tags=["operators"],
     summary="Give a coach its own monthly allowance",
     description=(
@@ -141,18 +74,7 @@ async def put_allowance(
 @router.delete(
     ALLOWANCE_PATH,
     response_model=UsageOut,
-    responses={
-        200: _ok(
-            {
-                **_USAGE_EXAMPLE,
-                "allowance": 55,
-                "base_allowance": 50,
-                "remaining": 42,
-                "percent_used": 23,
-            }
-        ),
-        **_problems(422, *_AUTH),
-    },
+    responses=problems("invalid_coach_id", "not_found", "backend_unavailable"),
     tags=["operators"],
     summary="Take a coach back to the configured monthly allowance",
     description=(
@@ -175,24 +97,20 @@ async def delete_allowance(coach_id: str, request: Request, _: Admin) -> Respons
     status_code=201,
     response_model=GrantOut,
     responses={
-        201: _ok(_GRANT_EXAMPLE, "Granted"),
+        201: {"description": "Granted now."},
         200: {
             "model": GrantOut,
-            "description": "Idempotent replay: the grant the key made, granted once",
+            "description": "A replayed Idempotency-Key: the grant it made, granted once.",
         },
-        409: _problem(
-            409,
-            (
-                "grant_exceeds_remaining",
-                "Removing 10 credits would take the coach below zero: only 3 remain this month.",
-            ),
-            (
-                "grant_limit",
-                "A coach can receive at most 100 grants per month, and this month has them "
-                "all. Set the coach's monthly allowance instead.",
-            ),
+        **problems(
+            "invalid_coach_id",
+            "invalid_request",
+            "idempotency_key_reused",
+            "not_found",
+            "grant_exceeds_remaining",
+            "grant_limit",
+            "backend_unavailable",
         ),
-        **_problems(422, *_AUTH),
     },
     tags=["operators"],
     summary="Add credits to (or remove them from) a coach's current period",
@@ -234,7 +152,7 @@ async def post_grant(
 @router.get(
     GRANTS_PATH,
     response_model=GrantsOut,
-    responses={200: _ok({"grants": [_GRANT_EXAMPLE]}), **_problems(422, *_AUTH)},
+    responses=problems("invalid_coach_id", "invalid_request", "not_found", "backend_unavailable"),
     tags=["operators"],
     summary="A coach's grants for one period, oldest first",
     description="Each grant carries the period's usage as it is now. Reads only.",
@@ -257,32 +175,16 @@ async def list_grants(
 @router.post(
     "/v1/reservations/{reservation_id}/extend",
     response_model=ReservationOut,
-    responses={
-        200: _ok(_RESERVATION_EXAMPLE),
-        404: _problem(404, ("reservation_not_found", "No reservation has this id.")),
-        409: _problem(
-            409,
-            (
-                "reservation_committed",
-                "This reservation was committed, so there is no hold left to extend.",
-            ),
-            (
-                "reservation_refunded",
-                "This reservation was refunded, so there is no hold left to extend.",
-            ),
-            (
-                "reservation_expired",
-                "This reservation expired before it was extended; its credits were "
-                "returned. Reserve again to hold credits.",
-            ),
-            (
-                "extension_limit",
-                "A hold may live at most one hour past the end of its month: this one can "
-                "be extended to 2026-12-01T01:00:00Z at the latest.",
-            ),
-        ),
-        **_problems(422, *_AUTH),
-    },
+    responses=problems(
+        "invalid_request",
+        "reservation_not_found",
+        "not_found",
+        "reservation_committed",
+        "reservation_refunded",
+        "reservation_expired",
+        "extension_limit",
+        "backend_unavailable",
+    ),
     tags=["reservations"],
     summary="Keep a hold alive while the work runs",
     description=(

@@ -20,3 +20,20 @@ class AnyCoachId(Convertor[str]):
 
 
 register_url_convertor("coach_id", AnyCoachId())
+
+
+class ReservationIdText(Convertor[str]):
+    """One path segment, but not ``batch`` or ``settle``: those are the batch routes'
+    paths, which only take POST, and a method they do not take is answered 405 with
+    their own Allow header, not as a reservation id."""
+
+    regex = r"(?!(?:batch|settle)$)[^/]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("reservation_id", ReservationIdText())

@@ -22,6 +22,7 @@ from app.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    TooManyStreams,
     Unauthorized,
 )
 
@@ -32,6 +33,7 @@ PROBLEM_JSON: Final = "application/problem+json"
 #: Most specific class first; the first match wins.
 STATUS_BY_ERROR: Final[tuple[tuple[type[CreditsError], int], ...]] = (
     (CreditsExhausted, 429),
+    (TooManyStreams, 429),
     (Conflict, 409),
     (NotFound, 404),
     (InvalidRequest, 422),
@@ -82,26 +84,32 @@ def _body(
     return body
 
 
+def response_body(exc: CreditsError) -> dict[str, object]:
+    """The problem object for one outcome, as a single route answers it."""
+    return _body(
+        status=status_for(exc), code=exc.code, title=exc.title, detail=exc.detail, extra=exc.extra()
+    )
+
+
 def problem_body(exc: CreditsError) -> dict[str, object]:
     """The problem object for one outcome, as a batch item carries it (no headers there,
     so what a header would say is in the body: ``retry_after`` for exhausted credits)."""
-    extra = exc.extra()
+    body = response_body(exc)
     if isinstance(exc, CreditsExhausted):
-        extra["retry_after"] = exc.retry_after
-    return _body(
-        status=status_for(exc), code=exc.code, title=exc.title, detail=exc.detail, extra=extra
-    )
+        body["retry_after"] = exc.retry_after
+    return body
 
 
 def error_response(exc: CreditsError, *, retry_after_unavailable: int = 1) -> Response:
     status = status_for(exc)
     headers: dict[str, str] = {}
-    if isinstance(exc, CreditsExhausted):
+    if isinstance(exc, CreditsExhausted | TooManyStreams):
         headers["Retry-After"] = str(exc.retry_after)
-        # Quota headers: a single reserve's 429 (batch items carry no headers). ``t`` is
-        # Retry-After: the reset, or when holds alone block, the first hold's lapse.
-        quota = quota_headers(exc.allowance, exc.remaining, exc.period, exc.retry_after)
-        headers.update(headers_dict(quota))
+        if isinstance(exc, CreditsExhausted):
+            # Quota headers: a single reserve's 429 (batch items carry no headers). ``t``
+            # is Retry-After: the reset, or when holds alone block, the first hold's lapse.
+            quota = quota_headers(exc.allowance, exc.remaining, exc.period, exc.retry_after)
+            headers.update(headers_dict(quota))
     elif isinstance(exc, BackendUnavailable):
         headers["Retry-After"] = str(retry_after_unavailable)
     elif isinstance(exc, Unauthorized):

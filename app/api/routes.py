@@ -3,28 +3,26 @@ are raised as ``app.errors`` exceptions and turned into problems by ``problems``
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final
+from typing import Annotated, Final
 
 from fastapi import APIRouter, Body, Header, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
-from starlette.datastructures import State
 from starlette.responses import Response
 
 from app import domain
 from app.api import paths  # noqa: F401  (registers the {coach_id:coach_id} path type)
-from app.api.deps import WORKER_ACCESS, AnyScope, MetricsDep, Reader, StoreDep, Worker, store_of
-from app.api.fast import FastJSONResponse, FastRoute, header, json_response, served_by
+from app.api.answers import Answer, FastJSONResponse, json_answer
+from app.api.deps import AnyScope, MetricsDep, Principal, Reader, StoreDep, Worker, store_of
+from app.api.openapi import QUOTA_HEADERS, problems
 from app.api.problems import problem_body
-from app.api.quota import RawHeader, headers_dict, usage_quota_headers
+from app.api.quota import headers_dict, usage_quota_headers
 from app.api.schemas import (
     BatchReserveOut,
     BatchReserveRequest,
     BatchUsageOut,
     BatchUsageRequest,
     FeaturesOut,
-    ProblemOut,
     ReadyOut,
     ReservationOut,
     ReserveRequest,
@@ -35,11 +33,10 @@ from app.api.schemas import (
     reservation_json,
     usage_json,
 )
-from app.domain import Reservation
 from app.errors import CreditsError, InvalidRequest
 from app.store import CreditStore, ReserveItem
 
-router = APIRouter(route_class=FastRoute)
+router = APIRouter()
 
 #: The two hot routes, whose paths ``app.api.hot`` matches in front of the router.
 RESERVE_PATH: Final = "/v1/coaches/{coach_id:coach_id}/reservations"
@@ -50,22 +47,30 @@ COMMIT_PATH: Final = "/v1/reservations/{reservation_id}/commit"
 # noticeable share of a request's CPU, and the store needs none of it. A ``Request``
 # parameter leaves the OpenAPI schema as it was, and the access check stays the one
 # dependency, so it still answers before the body is looked at. Reserve and commit go
-# further: ``reserve_reply`` and ``commit_reply`` give their answers without a request
-# object, to ``app.api.hot`` in front of the router and to ``app.api.fast`` behind it.
+# further: ``reserve_answer`` and ``commit_answer`` build their answers without a request
+# object, for these routes and for the front in ``app.api.hot``.
 
 
-def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {s: {"model": ProblemOut, "content": {"application/problem+json": {}}} for s in statuses}
-
-
-_AUTH = (401, 403, 413, 503)
+#: A new hold's id leads to the routes that read and settle it.
+_RESERVATION_LINKS: Final = {
+    name: {
+        "operationId": operation,
+        "parameters": {"reservation_id": "$response.body#/reservation_id"},
+        "description": description,
+    }
+    for name, operation, description in (
+        ("GetReservation", "get_reservation", "Read the reservation."),
+        ("Commit", "commit", "Charge it: the AI action succeeded."),
+        ("Refund", "refund", "Return its credits: the AI action failed."),
+    )
+}
 
 
 @router.get(
     "/v1/features",
     response_model=FeaturesOut,
-    responses=_problems(*_AUTH),
     tags=["credits"],
+    summary="The AI features and what each costs",
 )
 async def list_features(request: Request, _: AnyScope) -> JSONResponse:
     store = store_of(request)
@@ -79,82 +84,32 @@ async def list_features(request: Request, _: AnyScope) -> JSONResponse:
     )
 
 
-async def _hold(
+async def reserve_answer(
     store: CreditStore,
     coach_id: str,
     body: ReserveRequest,
-    key_id: str,
+    principal: Principal,
     idempotency_key: str | None,
-) -> tuple[Reservation, bool]:
+) -> Answer:
+    """A reserve as both ways answer it once the caller is admitted and the body is valid."""
     if idempotency_key is not None and not domain.is_valid_idempotency_key(idempotency_key):
         raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters.")
-    return await store.reserve(
+    reservation, created = await store.reserve(
         coach_id,
         body.feature,
         ttl_seconds=body.ttl_seconds,
         idempotency_key=idempotency_key,
-        principal=key_id,
+        principal=principal.key_id,
     )
-
-
-def _reserve_answer(
-    store: CreditStore, reservation: Reservation, created: bool
-) -> tuple[int, bytes, list[RawHeader]]:
-    """A reserve's answer, whichever way it came: status, body and quota headers (those
-    speak of the current period, also for a replay of an earlier period's reservation)."""
+    # The quota headers speak of the current period, also when a replay answers with an
+    # earlier period's reservation.
     quota = usage_quota_headers(reservation.current or reservation.usage, store.clock())
-    return 201 if created else 200, encode_reservation(reservation), quota
+    return json_answer(201 if created else 200, encode_reservation(reservation), quota)
 
 
-async def _reserve(
-    request: Request, coach_id: str, body: ReserveRequest, key_id: str, idempotency_key: str | None
-) -> Response:
-    store = store_of(request)
-    reservation, created = await _hold(store, coach_id, body, key_id, idempotency_key)
-    return json_response(*_reserve_answer(store, reservation, created))
-
-
-async def reserve_reply(
-    state: State,
-    coach_id: str,
-    raw: bytes,
-    authorization: str | None,
-    idempotency_key: str | None,
-) -> tuple[int, bytes, list[RawHeader]] | None:
-    """A reserve with the JSON body ``raw``, as the route answers it: status, body and
-    the extra headers.
-
-    None when the body does not validate: the standard handler answers that, with its
-    exact wording. In the route's order too: a body that is not JSON at all is refused
-    before the key is looked at, a valid one after."""
-    try:
-        body = ReserveRequest.model_validate_json(raw)
-    except ValidationError:
-        return None
-    principal = WORKER_ACCESS.admit(state.keyring, authorization)
-    store: CreditStore = state.store
-    reservation, created = await _hold(store, coach_id, body, principal.key_id, idempotency_key)
-    return _reserve_answer(store, reservation, created)
-
-
-async def _reserve_fast(request: Request) -> Response | None:
-    # Only a plain JSON body that validates is served here; anything else (a body that
-    # is not JSON, fails the schema or comes as another content type) takes the standard
-    # path, which answers it exactly as before.
-    if header(request, b"content-type") != "application/json":
-        return None
-    try:
-        raw = await request.body()
-    except Exception:  # a failed read: the standard path answers it as before
-        return None
-    reply = await reserve_reply(
-        request.app.state,
-        request.path_params["coach_id"],
-        raw,
-        header(request, b"authorization"),
-        header(request, b"idempotency-key"),
-    )
-    return None if reply is None else json_response(*reply)
+async def commit_answer(store: CreditStore, reservation_id: str) -> Answer:
+    """A commit as both ways answer it once the caller is admitted."""
+    return json_answer(200, encode_reservation(await store.commit(reservation_id)))
 
 
 @router.post(
@@ -162,12 +117,37 @@ async def _reserve_fast(request: Request) -> Response | None:
     status_code=201,
     response_model=ReservationOut,
     responses={
-        200: {"model": ReservationOut, "description": "Idempotent replay"},
-        **_problems(422, 429, *_AUTH),
+        201: {
+            "description": "Held now: the cost counts against what is left until settled.",
+            "headers": QUOTA_HEADERS,
+            "links": _RESERVATION_LINKS,
+        },
+        200: {
+            "model": ReservationOut,
+            "description": "A replayed Idempotency-Key: the same reservation, as it is now.",
+            "headers": QUOTA_HEADERS,
+            "links": _RESERVATION_LINKS,
+        },
+        **problems(
+            "invalid_coach_id",
+            "unknown_feature",
+            "invalid_request",
+            "idempotency_key_reused",
+            "credits_exhausted",
+            "backend_unavailable",
+            headers={429: QUOTA_HEADERS},
+        ),
     },
     tags=["reservations"],
+    summary="Hold a feature's cost before running the AI action",
+    description=(
+        "Holds the cost until the hold is committed, refunded or lapses (ttl_seconds). "
+        "A 429 says calmly what is missing and when credits come back; Retry-After is the "
+        "seconds until the reset, or until the first hold lapses when only holds in "
+        "progress are in the way. The quota headers (RateLimit, RateLimit-Policy) are "
+        "about the current month; their unit is credits."
+    ),
 )
-@served_by(_reserve_fast)
 async def reserve(
     coach_id: str,
     body: ReserveRequest,
@@ -183,52 +163,56 @@ async def reserve(
         ),
     ] = None,
 ) -> Response:
-    return await _reserve(request, coach_id, body, principal.key_id, idempotency_key)
+    answer = await reserve_answer(store_of(request), coach_id, body, principal, idempotency_key)
+    return answer.response()
 
 
 @router.get(
-    "/v1/reservations/{reservation_id}",
+    # Not batch or settle: those paths are the POST-only batch routes.
+    "/v1/reservations/{reservation_id:reservation_id}",
     response_model=ReservationOut,
-    responses=_problems(404, 422, *_AUTH),
+    responses=problems("reservation_not_found", "not_found", "backend_unavailable"),
     tags=["reservations"],
+    summary="A reservation as it is now",
 )
 async def get_reservation(reservation_id: str, request: Request, _: Worker) -> Response:
     reservation = await store_of(request).get_reservation(reservation_id)
     return FastJSONResponse(reservation_json(reservation))
 
 
-async def commit_reply(state: State, reservation_id: str, authorization: str | None) -> bytes:
-    """A commit as the route answers it with 200: the encoded reservation."""
-    WORKER_ACCESS.admit(state.keyring, authorization)
-    store: CreditStore = state.store
-    return encode_reservation(await store.commit(reservation_id))
-
-
-async def _commit_fast(request: Request) -> Response:
-    reply = await commit_reply(
-        request.app.state,
-        request.path_params["reservation_id"],
-        header(request, b"authorization"),
-    )
-    return json_response(200, reply)
-
-
 @router.post(
     COMMIT_PATH,
     response_model=ReservationOut,
-    responses=_problems(404, 409, 422, *_AUTH),
+    responses=problems(
+        "reservation_not_found",
+        "not_found",
+        "reservation_refunded",
+        "reservation_expired",
+        "backend_unavailable",
+    ),
     tags=["reservations"],
+    summary="Charge a hold: the AI action succeeded",
+    description=(
+        "Commits the hold and answers with a `note` on what it cost and what is left. "
+        "Repeating it returns the same outcome."
+    ),
 )
-@served_by(_commit_fast)
 async def commit(reservation_id: str, request: Request, _: Worker) -> Response:
-    return FastJSONResponse(reservation_json(await store_of(request).commit(reservation_id)))
+    return (await commit_answer(store_of(request), reservation_id)).response()
 
 
 @router.post(
     "/v1/reservations/{reservation_id}/refund",
     response_model=ReservationOut,
-    responses=_problems(404, 409, 422, *_AUTH),
+    responses=problems(
+        "reservation_not_found", "not_found", "reservation_committed", "backend_unavailable"
+    ),
     tags=["reservations"],
+    summary="Return a hold's credits: the AI action failed",
+    description=(
+        "Refunds the hold; a hold that already lapsed answers with status expired, its "
+        "credits already back. Repeating it returns the same outcome."
+    ),
 )
 async def refund(reservation_id: str, request: Request, _: Worker) -> Response:
     return FastJSONResponse(reservation_json(await store_of(request).refund(reservation_id)))
@@ -237,7 +221,7 @@ async def refund(reservation_id: str, request: Request, _: Worker) -> Response:
 @router.post(
     "/v1/reservations/batch",
     response_model=BatchReserveOut,
-    responses=_problems(422, *_AUTH),
+    responses=problems("invalid_request", "backend_unavailable"),
     tags=["reservations"],
     summary="Reserve for many items in one round trip",
     description=(
@@ -270,7 +254,7 @@ async def reserve_batch(
 @router.post(
     "/v1/reservations/settle",
     response_model=SettleOut,
-    responses=_problems(422, *_AUTH),
+    responses=problems("invalid_request", "backend_unavailable"),
     tags=["reservations"],
     summary="Commit or refund many reservations in one round trip",
     description=(
@@ -303,8 +287,13 @@ def _item_problem(exc: CreditsError) -> dict[str, object]:
 @router.get(
     "/v1/coaches/{coach_id:coach_id}/usage",
     response_model=UsageOut,
-    responses=_problems(422, *_AUTH),
+    responses={
+        200: {"description": "The coach's usage this month.", "headers": QUOTA_HEADERS},
+        **problems("invalid_coach_id", "not_found", "backend_unavailable"),
+    },
     tags=["usage"],
+    summary="A coach's credits this month",
+    description="A coach never seen before reads as untouched. Reading creates nothing.",
 )
 async def get_usage(coach_id: str, request: Request, _: AnyScope) -> JSONResponse:
     store = store_of(request)
@@ -316,8 +305,9 @@ async def get_usage(coach_id: str, request: Request, _: AnyScope) -> JSONRespons
 @router.post(
     "/v1/usage/batch",
     response_model=BatchUsageOut,
-    responses=_problems(422, *_AUTH),
+    responses=problems("invalid_coach_id", "invalid_request", "backend_unavailable"),
     tags=["usage"],
+    summary="Many coaches' usage in one round trip, in request order",
 )
 async def batch_usage(
     body: Annotated[BatchUsageRequest, Body()], request: Request, _: Reader
@@ -326,7 +316,26 @@ async def batch_usage(
     return FastJSONResponse({"items": [usage_json(u) for u in items]})
 
 
-@router.get("/healthz", tags=["operations"])
+@router.get(
+    "/healthz",
+    tags=["operations"],
+    summary="The process is up",
+    responses={
+        200: {
+            "description": "Always, while the process serves.",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"status": {"const": "ok"}},
+                        "required": ["status"],
+                    },
+                    "example": {"status": "ok"},
+                }
+            },
+        }
+    },
+)
 async def healthz() -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
@@ -334,11 +343,16 @@ async def healthz() -> JSONResponse:
 @router.get(
     "/readyz",
     response_model=ReadyOut,
-    responses=_problems(503),
+    responses=problems("backend_unavailable"),
     tags=["operations"],
+    summary="Redis answers and the scripts are loaded",
 )
 async def readyz(request: Request, store: StoreDep) -> JSONResponse:
-    settings = request.app.state.settings
+    """Ready while Redis answers. What every instance shares (open mode, Redis refusing
+    writes) or what costs this one speed is listed in ``warnings``, never a 503: taking
+    every instance out of rotation for a shared fault would only make it worse."""
+    state = request.app.state
+    settings = state.settings
     await store.ping()
     await store.ensure_scripts()
     warnings: list[str] = []
@@ -346,18 +360,45 @@ async def readyz(request: Request, store: StoreDep) -> JSONResponse:
         warnings.append("OPEN MODE: no API keys are configured; anyone can spend credits.")
     if settings.embedded:
         warnings.append("EMBEDDED REDIS: in-process and not persisted; for trying out only.")
+    refusal: str | None = getattr(store, "write_refusal", None)
+    if refusal:
+        warnings.append(f"REDIS REFUSES WRITES: {refusal}")
+    fast_path_warning: str | None = state.fast_path_warning
+    if fast_path_warning:
+        warnings.append(fast_path_warning)
     backend = "embedded" if settings.embedded else "cluster" if settings.redis_cluster else "redis"
     return JSONResponse(
         {
             "status": "ready",
             "backend": backend,
             "auth": "open" if settings.open_mode else "keys",
+            "fast_path": fast_path_warning is None,
             "warnings": warnings,
         }
     )
 
 
-@router.get("/metrics", response_class=PlainTextResponse, tags=["operations"])
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    tags=["operations"],
+    summary="Prometheus metrics",
+    responses={
+        200: {
+            "description": "The Prometheus text format.",
+            "content": {
+                "text/plain": {
+                    "schema": {"type": "string"},
+                    "example": (
+                        "# HELP credits_reservations_total Reservation outcomes by feature: "
+                        "held, committed, refunded, expired, exhausted.\n"
+                        "# TYPE credits_reservations_total counter\n"
+                    ),
+                }
+            },
+        }
+    },
+)
 async def metrics_endpoint(metrics: MetricsDep) -> PlainTextResponse:
     return PlainTextResponse(
         generate_latest(metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST

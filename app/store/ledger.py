@@ -219,6 +219,11 @@ class CreditStore:
         """Wait for this loop's script calls in flight; before closing the client."""
         await self.transport.drain()
 
+    async def aclose(self) -> None:
+        """Wait for the calls in flight and close what the store opened itself (a
+        cluster's per-node clients); the client it was given stays the caller's."""
+        await self.transport.aclose()
+
     async def _run(self, command: Command, operation: str) -> Reply:
         """One script call (``EVALSHA sha numkeys keys... args...``) and its reply;
         ``operation`` labels its latency."""
@@ -298,7 +303,7 @@ class CreditStore:
         return Usage(coach_id, period, allowance, used, held, features, base, granted)
 
     def _reservation(self, rid: ReservationId, reply: Reply) -> Reservation:
-        return Reservation(
+        reservation = Reservation(
             rid,
             reply.feature,
             reply.cost,
@@ -306,6 +311,9 @@ class CreditStore:
             domain.from_ms(reply.expires_ms),
             self._usage(rid.coach_id, rid.period, reply),
         )
+        if reply.state == "c":  # its note says which month it speaks of
+            reservation.as_of = self._period_info(self.clock()).period
+        return reservation
 
     # --- operations ------------------------------------------------------------------
 
@@ -404,6 +412,9 @@ class CreditStore:
         )
         return CreditsExhausted(
             detail,
+            title=domain.exhausted_title(
+                cost=cost, allowance=allowance, used=reply.used, hold_wait_seconds=hold_wait
+            ),
             feature=feature,
             cost=cost,
             remaining=domain.remaining(allowance, reply.used, reply.held),

@@ -26,8 +26,11 @@ from typing import Any, Final
 
 import hiredis
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import Connection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.maint_notifications import MaintNotificationsConfig
 
 #: Commands per write at most: a larger burst goes out as several writes on several
 #: connections, so one batch never keeps Redis busy for long.
@@ -141,3 +144,35 @@ class PackedConnection(Connection):
             except TypeError:
                 pass
         return super().pack_command(*args)
+
+
+def shared_write_client(
+    *, timeout_seconds: float, max_connections: int, url: str | None = None, **settings: Any
+) -> Redis:
+    """A client for one Redis server, set up for shared writes: bounded waits, no
+    automatic command retries (a reserve retried blindly after a timeout could hold
+    twice, so retries are the caller's, with an Idempotency-Key), commands packed in C."""
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        # No per-read timeout: each whole operation (pool wait, connect and replies
+        # together) has one deadline, cheaper than redis-py's timer around every reply
+        # (a batch reads one reply per item) and just as prompt.
+        "socket_timeout": None,
+        "socket_connect_timeout": timeout_seconds,
+        "max_connections": max_connections,
+        "timeout": timeout_seconds,
+        "retry": Retry(NoBackoff(), 0),
+        # With maintenance notifications on (the default under RESP3), the pool skips its
+        # check for a closed socket before lending a connection, so the first call after
+        # a Redis restart went out on a dead connection and was answered 503.
+        "maint_notifications_config": MaintNotificationsConfig(enabled=False),
+        **settings,
+    }
+    pool = (
+        BlockingConnectionPool.from_url(url, **options)
+        if url is not None
+        else BlockingConnectionPool(**options)
+    )
+    if pool.connection_class is Connection:  # plain TCP (TLS and sockets keep theirs)
+        pool.connection_class = PackedConnection
+    return Redis(connection_pool=pool)

@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from app.errors import BackendUnavailable, WriteRefused
-from app.store.shared_writes import Coalescer
+from app.store.shared_writes import Coalescer, shared_write_client
 
 log = logging.getLogger("credits.store")
 
@@ -100,6 +100,9 @@ class Transport:
     async def drain(self) -> None:
         """Wait for this loop's calls in flight; before closing the client."""
 
+    async def aclose(self) -> None:
+        """Close the clients the transport made itself (not the one it was given)."""
+
     def _send(self, command: Command) -> Awaitable[Any]:
         return self._execute(command)
 
@@ -132,16 +135,15 @@ class Transport:
         return exc
 
 
-class SingleServerTransport(Transport):
-    """One Redis server: the calls one event loop makes in one turn share a write."""
+class SharedWrites:
+    """The shared writes to one Redis server: a coalescer per event loop the store is
+    used on (tests and some hosts run more than one), the one used last found first."""
 
-    def __init__(self, redis: Redis, timeout_seconds: float, *, coalesce: bool = True) -> None:
-        super().__init__(redis, timeout_seconds)
-        self.single = redis
-        self.coalesce = coalesce
-        # One coalescer per event loop the store is used on (tests and some hosts run
-        # more than one), and the one used last.
-        self._coalescers: dict[asyncio.AbstractEventLoop, Coalescer] = {}
+    def __init__(self, redis: Redis, timeout_seconds: float, transport: Transport) -> None:
+        self.redis = redis
+        self.timeout_seconds = timeout_seconds
+        self.transport = transport
+        self._by_loop: dict[asyncio.AbstractEventLoop, Coalescer] = {}
         self._last: Coalescer | None = None
 
     def coalescer(self) -> Coalescer:
@@ -150,15 +152,33 @@ class SingleServerTransport(Transport):
         last = self._last
         if last is not None and last.loop is loop:
             return last
-        found = self._coalescers.get(loop)
+        found = self._by_loop.get(loop)
         if found is None:
-            for gone in [old for old in self._coalescers if old.is_closed()]:
-                del self._coalescers[gone]
-            found = self._coalescers[loop] = Coalescer(
-                self.single, loop, self.timeout_seconds, self.observe_write
+            for gone in [old for old in self._by_loop if old.is_closed()]:
+                del self._by_loop[gone]
+            found = self._by_loop[loop] = Coalescer(
+                self.redis, loop, self.timeout_seconds, self.transport.observe_write
             )
         self._last = found
         return found
+
+    async def drain(self) -> None:
+        coalescer = self._by_loop.get(asyncio.get_running_loop())
+        if coalescer is not None:
+            await coalescer.drain()
+
+
+class SingleServerTransport(Transport):
+    """One Redis server: the calls one event loop makes in one turn share a write."""
+
+    def __init__(self, redis: Redis, timeout_seconds: float, *, coalesce: bool = True) -> None:
+        super().__init__(redis, timeout_seconds)
+        self.single = redis
+        self.coalesce = coalesce
+        self.shared = SharedWrites(redis, timeout_seconds, self)
+
+    def coalescer(self) -> Coalescer:
+        return self.shared.coalescer()
 
     async def call(self, *command: Any) -> Any:
         # The hot path: the shared write's future is awaited directly, one coroutine.
@@ -175,9 +195,7 @@ class SingleServerTransport(Transport):
         return self._execute(command)
 
     async def drain(self) -> None:
-        coalescer = self._coalescers.get(asyncio.get_running_loop())
-        if coalescer is not None:
-            await coalescer.drain()
+        await self.shared.drain()
 
     async def _in_order(self, commands: Sequence[Command], preload: Sequence[str]) -> list[Any]:
         # One MULTI/EXEC that loads the scripts it runs: no SCRIPT FLUSH can land between
@@ -196,26 +214,84 @@ class SingleServerTransport(Transport):
 
 
 class ClusterTransport(Transport):
-    """A Redis Cluster: each call goes to the primary of its keys' slot."""
+    """A Redis Cluster: each call goes to the primary of its keys' slot.
+
+    The calls of one loop turn share writes here too, grouped per node by the cluster
+    client's slot map, each node's on a pooled connection of a client of its own. A MOVED
+    or ASK answer means the call never ran: it goes through the cluster client, which
+    follows the redirect and refreshes its map. After a node failed (the call may have
+    run: it is not sent again), calls go through the cluster client until one succeeds,
+    which lets the client find the promoted replica."""
 
     #: Calls in flight at once for one batch.
     FAN_OUT: Final = 64
 
-    def __init__(self, redis: RedisCluster, timeout_seconds: float) -> None:
+    def __init__(
+        self, redis: RedisCluster, timeout_seconds: float, *, coalesce: bool = True
+    ) -> None:
         super().__init__(redis, timeout_seconds)
         self.cluster = redis
+        self.coalesce = coalesce
+        self._nodes: dict[str, SharedWrites] = {}
+        # Through the cluster client until it has a slot map, and after a node failed.
+        self._rerouting = True
+
+    async def call(self, *command: Any) -> Any:
+        try:
+            if self.coalesce and not self._rerouting and command[2]:
+                try:
+                    return await self._node_of(command[3]).coalescer().call(*command)
+                except redis_errors.AskError:  # MOVED too: the call never ran
+                    pass
+                except UNAVAILABLE_ERRORS:
+                    self._rerouting = True
+                    raise
+            reply = await self._execute(command)
+            self._rerouting = False
+            return reply
+        except Exception as exc:
+            self._raise_mapped(exc)
+
+    def _send(self, command: Command) -> Awaitable[Any]:
+        return self.call(*command)
+
+    def _node_of(self, key: str) -> SharedWrites:
+        node = self.cluster.get_node_from_key(key)
+        assert node is not None  # a primary, or SlotNotCoveredError
+        shared = self._nodes.get(node.name)
+        if shared is None:
+            settings = self.cluster.get_connection_kwargs()
+            client = shared_write_client(
+                host=node.host,
+                port=node.port,
+                timeout_seconds=self.timeout_seconds,
+                max_connections=NODE_CONNECTIONS,
+                **{k: v for k, v in settings.items() if k in _NODE_SETTINGS},
+            )
+            shared = self._nodes[node.name] = SharedWrites(client, self.timeout_seconds, self)
+        return shared
+
+    async def drain(self) -> None:
+        for shared in list(self._nodes.values()):
+            await shared.drain()
+
+    async def aclose(self) -> None:
+        await self.drain()
+        for shared in self._nodes.values():
+            await shared.redis.aclose()
+        self._nodes.clear()
 
     async def call_all(self, commands: Sequence[Command]) -> list[Any]:
         sem = asyncio.Semaphore(self.FAN_OUT)
 
         async def one(command: Command) -> Any:
             async with sem:
-                return await self._send(command)
+                return await self.call(*command)
 
         replies = await asyncio.gather(*(one(c) for c in commands), return_exceptions=True)
         for reply in replies:
             if isinstance(reply, Exception) and not _is_reply(reply):
-                self._raise_mapped(reply)
+                raise reply
         return replies
 
     async def _in_order(self, commands: Sequence[Command], preload: Sequence[str]) -> list[Any]:
@@ -233,16 +309,47 @@ class ClusterTransport(Transport):
         async def lane(indexes: list[int]) -> None:
             async with sem:
                 for i in indexes:
-                    results[i] = await self.cluster.execute_command(*commands[i])
+                    results[i] = await self.call(*commands[i])
 
         await asyncio.gather(*(lane(ix) for ix in lanes.values()))
         return results
 
 
+#: Connections per node for the shared writes: one write carries many calls.
+NODE_CONNECTIONS: Final = 16
+#: What a node's client takes over from the cluster client's settings.
+_NODE_SETTINGS: Final = frozenset(
+    {
+        "username",
+        "password",
+        "credential_provider",
+        "client_name",
+        "decode_responses",
+        "encoding",
+        "encoding_errors",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "socket_keepalive_options",
+        "connection_class",
+        *(
+            f"ssl_{name}"
+            for name in (
+                "keyfile",
+                "certfile",
+                "cert_reqs",
+                "ca_certs",
+                "ca_data",
+                "check_hostname",
+            )
+        ),
+    }
+)
+
+
 def transport_for(redis: AnyRedis, timeout_seconds: float, *, coalesce: bool = True) -> Transport:
     """The transport for a client's topology: the one place that asks."""
     if isinstance(redis, RedisCluster):
-        return ClusterTransport(redis, timeout_seconds)
+        return ClusterTransport(redis, timeout_seconds, coalesce=coalesce)
     return SingleServerTransport(redis, timeout_seconds, coalesce=coalesce)
 
 
