@@ -21,6 +21,7 @@ from app.api.deps import KeyRing
 from app.api.events import router as events_router
 from app.api.hot import with_front
 from app.api.limits import BodySizeLimit
+from app.api.operators import router as operators_router
 from app.api.routes import router
 from app.api.streams import UsageStreams
 from app.config import Settings, load_settings
@@ -199,6 +200,7 @@ def create_app(
     problems.install(app)
     app.include_router(router)
     app.include_router(events_router)
+    app.include_router(operators_router)
     panel.install(app)
     openapi.install(app)
     app.add_middleware(BodySizeLimit)

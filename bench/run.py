@@ -44,6 +44,7 @@ from app.store import (
     load_script_source,
     period_keys,
 )
+from app.store.keys import allowance_key
 from bench import memory
 from bench.floor_app import MINIMAL_SCRIPT
 from bench.procs import VENV_BIN, CpuMeter, ensure_tool
@@ -191,7 +192,8 @@ def redis_benchmark(
 def reserve_command(sha: str, *, coach: str, allowance: int, now: datetime) -> list[str]:
     """The reserve script as the store calls it, with a random token per call."""
     period = Period.containing(now)
-    keys = period_keys(coach, period)[:3]
+    k = period_keys(coach, period)
+    keys = (k.account, k.holds, k.events, allowance_key(coach))
     now_ms = domain.to_ms(now)
     start = domain.to_ms(period.starts_at)
     return [

@@ -24,7 +24,18 @@ from app.store.transport import Transport
 
 log = logging.getLogger("credits.store")
 
-SCRIPT_NAMES: Final = ("reserve", "settle", "move", "get_reservation", "get_usage", "get_events")
+SCRIPT_NAMES: Final = (
+    "reserve",
+    "settle",
+    "move",
+    "get_reservation",
+    "get_usage",
+    "get_events",
+    "extend",
+    "set_allowance",
+    "grant",
+    "get_grants",
+)
 LUA: Final = resources.files("app.lua")
 
 
