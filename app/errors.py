@@ -224,12 +224,16 @@ class TooManyHolds(CreditsError):
     code = "too_many_holds"
     title = "Too many reservations in progress"
 
-    def __init__(self, retry_after: int) -> None:
+    def __init__(self, retry_after: int, *, allowance: int, remaining: int, period: Period) -> None:
         super().__init__(
             "This coach already has as many AI actions in progress as a coach may have at "
             "once; commit or refund one, or retry when the earliest lapses."
         )
         self.retry_after = retry_after
+        #: The effective allowance, what remains and the period, for the quota headers.
+        self.allowance = allowance
+        self.remaining = remaining
+        self.period = period
 
 
 class BackendUnavailable(CreditsError):

@@ -146,7 +146,9 @@ EXAMPLES: Final[dict[str, list[CreditsError]]] = {
         _exhausted(used=48, held=0, cost=3, wait=None),
         _exhausted(used=40, held=9, cost=3, wait=90),
     ],
-    "too_many_holds": [TooManyHolds(retry_after=214)],
+    "too_many_holds": [
+        TooManyHolds(retry_after=214, allowance=2000, remaining=400, period=_NOVEMBER)
+    ],
     "too_many_streams": [
         TooManyStreams(
             "This server already has 1000 usage streams open; try again shortly.", retry_after=42

@@ -107,7 +107,7 @@ def error_response(exc: CreditsError, *, retry_after_unavailable: int = 1) -> Re
     headers: dict[str, str] = {}
     if isinstance(exc, CreditsExhausted | TooManyHolds | TooManyStreams):
         headers["Retry-After"] = str(exc.retry_after)
-        if isinstance(exc, CreditsExhausted):
+        if isinstance(exc, CreditsExhausted | TooManyHolds):
             # Quota headers: a single reserve's 429 (batch items carry no headers). ``t``
             # is Retry-After: the reset, or when holds alone block, the first hold's lapse.
             quota = quota_headers(exc.allowance, exc.remaining, exc.period, exc.retry_after)

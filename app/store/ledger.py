@@ -439,7 +439,13 @@ class CreditStore:
         if reply.status == "TOO_MANY_HOLDS":
             self.metrics.count(feature, "too_many_holds")
             earliest = domain.from_ms(int(reply.extra or 0))
-            raise TooManyHolds(domain.seconds_until(earliest, call.now))
+            allowance = domain.effective_allowance(reply.base_allowance, reply.granted)
+            raise TooManyHolds(
+                domain.seconds_until(earliest, call.now),
+                allowance=allowance,
+                remaining=domain.remaining(allowance, reply.used, reply.held),
+                period=period,
+            )
         raise RuntimeError(f"unexpected reserve reply {reply.status!r}")
 
     def _exhausted(

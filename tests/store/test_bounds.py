@@ -310,6 +310,8 @@ async def test_too_many_holds_over_http(redis: Redis, clock: FrozenClock) -> Non
             assert r.status_code == 429
             assert r.headers["content-type"] == "application/problem+json"
             assert r.headers["Retry-After"] == "100"
+            # Holds alone block: the quota fields' `t` is Retry-After.
+            assert r.headers["RateLimit"] == f'"monthly";r={10**6 - 1000};t=100'
             problem = r.json()
             assert problem["code"] == "too_many_holds"
             assert problem["status"] == 429
