@@ -19,10 +19,22 @@ MAX_TTL_SECONDS: Final = 3600
 MIN_TTL_SECONDS: Final = 1
 DEFAULT_TTL_SECONDS: Final = 300
 
-#: Period keys live this long past ``resets_at``: longer than the longest hold (so a
-#: hold made at 23:59:59 can still be settled), longer than an idempotency record (so a
-#: replay never finds a record whose reservation is gone), and well inside 40 days.
+#: A hold, extended or not, never lives past ``resets_at`` plus this.
+HOLD_OVERHANG_SECONDS: Final = 3600
+
+#: Period keys live this long past ``resets_at``: longer than the longest hold, extended
+#: to the limit (an hour past ``resets_at``), plus a day to settle it; longer than an
+#: idempotency record (so a replay never finds a record whose reservation is gone); and
+#: well inside 40 days.
 KEY_GRACE_SECONDS: Final = 48 * 3600
+
+#: A coach's own monthly allowance, when set: 0 to this.
+MAX_MONTHLY_ALLOWANCE: Final = 1_000_000
+#: One grant adds or removes at most this many credits (and never none).
+MAX_GRANT_CREDITS: Final = 1_000_000
+#: Grants per coach and period.
+MAX_GRANTS_PER_PERIOD: Final = 100
+MAX_GRANT_REASON_CHARS: Final = 200
 
 #: Idempotency records are kept this long, or until 1,000 newer ones exist for the coach.
 IDEMPOTENCY_TTL_SECONDS: Final = 24 * 3600
@@ -110,6 +122,16 @@ class Period:
     def month_name(self) -> str:
         return self.starts_at.strftime("%B")
 
+    @property
+    def seconds(self) -> int:
+        """How many seconds the month has."""
+        return int((self.resets_at - self.starts_at).total_seconds())
+
+    @property
+    def holds_end_at(self) -> datetime:
+        """No hold of this period, extended or not, lives past this instant."""
+        return self.resets_at + timedelta(seconds=HOLD_OVERHANG_SECONDS)
+
 
 def to_ms(instant: datetime) -> int:
     return int(instant.timestamp() * 1000)
@@ -139,6 +161,12 @@ def seconds_until(later: datetime, now: datetime) -> int:
 
 
 # --- money math ----------------------------------------------------------------
+
+
+def effective_allowance(base_allowance: int, granted: int) -> int:
+    """The period's allowance: the coach's monthly one plus this period's grants, never
+    below 0 (a lowered monthly allowance can leave negative grants larger than it)."""
+    return max(0, base_allowance + granted)
 
 
 def remaining(allowance: int, used: int, held: int) -> int:
@@ -359,6 +387,28 @@ def _b64decode(text: str) -> bytes:
         raise ValueError("not base64url") from exc
 
 
+# --- grants ---------------------------------------------------------------------------
+
+
+def new_grant_id() -> str:
+    """An opaque, unguessable grant id (128 random bits, base64url)."""
+    return _b64encode(secrets.token_bytes(_TOKEN_BYTES))
+
+
+@dataclass(slots=True)
+class Grant:
+    """Credits added to (or, when negative, removed from) one period's allowance."""
+
+    grant_id: str
+    coach_id: str
+    period: Period
+    credits: int
+    reason: str
+    granted_at: datetime
+    #: The period's usage as the call that read or made the grant left it.
+    usage: Usage
+
+
 # --- what callers read ---------------------------------------------------------------
 
 
@@ -377,10 +427,16 @@ def feature_availability(costs: dict[str, int], left: int) -> tuple[FeatureAvail
 class Usage:
     coach_id: str
     period: Period
+    #: The effective allowance, ``effective_allowance(base_allowance, granted)``: what
+    #: remaining, levels and percentages are measured against.
     allowance: int
     used: int
     held: int
     features: tuple[FeatureAvailability, ...]
+    #: The coach's monthly allowance (its own, else the configured one).
+    base_allowance: int
+    #: This period's grants, added up; may be negative.
+    granted: int
 
     @classmethod
     def of(
@@ -392,9 +448,12 @@ class Usage:
         used: int,
         held: int,
         costs: dict[str, int],
+        granted: int = 0,
     ) -> Usage:
-        features = feature_availability(costs, remaining(allowance, used, held))
-        return cls(coach_id, period, allowance, used, held, features)
+        """``allowance`` is the monthly (base) allowance."""
+        effective = effective_allowance(allowance, granted)
+        features = feature_availability(costs, remaining(effective, used, held))
+        return cls(coach_id, period, effective, used, held, features, allowance, granted)
 
     @property
     def remaining(self) -> int:
@@ -421,6 +480,9 @@ class Reservation:
     status: Status
     expires_at: datetime
     usage: Usage
+    #: The current period's usage, when it is not ``usage``: an idempotent replay of a
+    #: reservation made in an earlier period (its quota headers speak of the current one).
+    current: Usage | None = None
 
     #: The period of the moment this answer was made, when that may differ from the
     #: reservation's own (a hold settled after its month ended); None: the same.

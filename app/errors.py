@@ -6,7 +6,10 @@ The HTTP status for each lives in ``app.api.problems``; nothing here knows about
 from __future__ import annotations
 
 from datetime import datetime
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from app.domain import Period
 
 
 class CreditsError(Exception):
@@ -81,15 +84,26 @@ class ReservationNotFound(NotFound):
         self.reservation_id = reservation_id
 
 
-class ReservationConflict(CreditsError):
+class Conflict(CreditsError):
+    """The request clashes with the state it would change."""
+
+    code = "conflict"
+    title = "Conflict"
+
+
+class ReservationConflict(Conflict):
     """The reservation was already settled another way."""
 
     code = "reservation_conflict"
     title = "Reservation already settled"
     verb: ClassVar[str] = "settled"
+    #: The detail when the reservation was to be extended rather than settled.
+    extend_detail: ClassVar[str] = "This reservation is no longer held, so it cannot be extended."
 
-    def __init__(self, reservation_id: str) -> None:
-        super().__init__(f"This reservation was already {self.verb}.")
+    def __init__(self, reservation_id: str, *, extending: bool = False) -> None:
+        super().__init__(
+            self.extend_detail if extending else f"This reservation was already {self.verb}."
+        )
         self.reservation_id = reservation_id
 
 
@@ -97,18 +111,69 @@ class ReservationRefunded(ReservationConflict):
     code = "reservation_refunded"
     title = "Reservation refunded"
     verb = "refunded; its credits were returned, so it can no longer be committed"
+    extend_detail = "This reservation was refunded, so there is no hold left to extend."
 
 
 class ReservationExpired(ReservationConflict):
     code = "reservation_expired"
     title = "Reservation expired"
     verb = "expired before it was committed; its credits were returned"
+    extend_detail = (
+        "This reservation expired before it was extended; its credits were returned. "
+        "Reserve again to hold credits."
+    )
 
 
 class ReservationCommitted(ReservationConflict):
     code = "reservation_committed"
     title = "Reservation committed"
     verb = "committed, so its credits were spent and cannot be refunded"
+    extend_detail = "This reservation was committed, so there is no hold left to extend."
+
+
+class ExtensionLimit(Conflict):
+    code = "extension_limit"
+    title = "Extension limit reached"
+
+    def __init__(self, latest: datetime) -> None:
+        from app.domain import iso_z
+
+        super().__init__(
+            "A hold may live at most one hour past the end of its month: this one can be "
+            f"extended to {iso_z(latest)} at the latest."
+        )
+        self.latest = latest
+
+    def extra(self) -> dict[str, object]:
+        from app.domain import iso_z
+
+        return {"latest_expires_at": iso_z(self.latest)}
+
+
+class GrantExceedsRemaining(Conflict):
+    code = "grant_exceeds_remaining"
+    title = "Grant exceeds remaining credits"
+
+    def __init__(self, credits: int, remaining: int) -> None:
+        super().__init__(
+            f"Removing {-credits} credits would take the coach below zero: only "
+            f"{remaining} remain this month."
+        )
+        self.remaining = remaining
+
+    def extra(self) -> dict[str, object]:
+        return {"remaining": self.remaining}
+
+
+class GrantLimit(Conflict):
+    code = "grant_limit"
+    title = "Too many grants"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"A coach can receive at most {limit} grants per month, and this month has "
+            "them all. Set the coach's monthly allowance instead."
+        )
 
 
 class CreditsExhausted(CreditsError):
@@ -127,6 +192,8 @@ class CreditsExhausted(CreditsError):
         remaining: int,
         resets_at: datetime,
         retry_after: int,
+        allowance: int,
+        period: Period,
     ) -> None:
         super().__init__(detail)
         self.title = title
@@ -135,6 +202,9 @@ class CreditsExhausted(CreditsError):
         self.remaining = remaining
         self.resets_at = resets_at
         self.retry_after = retry_after
+        #: The effective allowance and the period, for the quota headers.
+        self.allowance = allowance
+        self.period = period
 
     def extra(self) -> dict[str, object]:
         from app.domain import iso_z
@@ -154,12 +224,16 @@ class TooManyHolds(CreditsError):
     code = "too_many_holds"
     title = "Too many reservations in progress"
 
-    def __init__(self, retry_after: int) -> None:
+    def __init__(self, retry_after: int, *, allowance: int, remaining: int, period: Period) -> None:
         super().__init__(
             "This coach already has as many AI actions in progress as a coach may have at "
             "once; commit or refund one, or retry when the earliest lapses."
         )
         self.retry_after = retry_after
+        #: The effective allowance, what remains and the period, for the quota headers.
+        self.allowance = allowance
+        self.remaining = remaining
+        self.period = period
 
 
 class BackendUnavailable(CreditsError):

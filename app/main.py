@@ -21,6 +21,7 @@ from app.api.deps import KeyRing
 from app.api.events import router as events_router
 from app.api.hot import with_front
 from app.api.limits import BodySizeLimit
+from app.api.operators import router as operators_router
 from app.api.routes import router
 from app.api.streams import UsageStreams
 from app.api.webhooks import router as webhooks_router
@@ -205,6 +206,7 @@ def create_app(
     app.include_router(router)
     app.include_router(events_router)
     app.include_router(webhooks_router)
+    app.include_router(operators_router)
     panel.install(app)
     openapi.install(app)
     app.add_middleware(BodySizeLimit)

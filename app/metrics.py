@@ -15,7 +15,7 @@ class Metrics:
         self.reservations = Counter(
             "credits_reservations_total",
             "Reservation outcomes by feature: held, committed, refunded, expired, exhausted, "
-            "too_many_holds.",
+            "too_many_holds; and holds extended.",
             ["feature", "outcome"],
             registry=r,
         )

@@ -6,7 +6,9 @@
 --                      next (ms: no hold expires before it; absent when there are no holds),
 --                      moved_at (seq when settled records last moved to settled:0),
 --                      archived (records in settled:0),
---                      base_used, base_held (what the events trimmed off the log added up to),
+--                      granted (credits the period's grants added; may be negative),
+--                      base_used, base_held, base_granted (what the events trimmed off the
+--                      log added up to),
 --                      wh (the highest usage threshold, 70, 90 or 100, notified by webhook
 --                      this period; written only while webhook endpoints are configured),
 --                      fc:<feature> -> code, fn:<code> -> feature, codes (codes given out),
@@ -15,21 +17,33 @@
 --   events       LIST  event rows, newest first; the head is event number `seq`
 --   settled:0..2 HASH  <token> -> record: older settled reservations, GENERATION a hash,
 --                      settled:0 the newest
+--   grants       LIST  grant rows, oldest first, at most the caller's limit (100)
 -- Per coach:
 --   idem:0..2    HASH  <digest> -> idempotency record, GENERATION a hash; idem:0 also
 --                      holds '#', the number of the newest record
+--   allowance    STRING the coach's own monthly allowance; absent unless set, no expiry
+--
+-- The effective allowance of a period is (the coach's own or the configured allowance)
+-- + granted.
 --
 -- The formats, each defined here once (app/store/replies.py reads the same):
 --   record  "<state><cost>|<expires>|<code>", state h held, c committed, r refunded,
 --           e expired; "|<seq>" follows while a settled record is still in the account
 --           (the event number that settled it, which orders the move to settled:0)
---   event   "<kind><cost>|<at>|<code>|<token>", kind as the state it led to (h c r e);
---           its number is its place in the log counted down from `seq`
+--   event   "<kind><n>|<at>|..." by kind; its number is its place in the log counted
+--           down from `seq`:
+--             h c r e (as the state it led to)  "<kind><cost>|<at>|<code>|<token>"
+--             x extended   "x<cost>|<at>|<code>|<token>|<new expires>"
+--             g granted    "g<credits>|<at>|<i>", i the grant's place in the grants list
+--                          (1 the oldest), which holds its id and reason
+--             a allowance_changed "a<monthly allowance>|<at>" ("a|<at>" once deleted)
+--   grant   "<grant_id>|<at>|<credits>|<reason>" (the reason last: it may hold '|')
 --   Times in records and events are ms after the period starts, in hex (8 digits where
 --   13 decimal ones would do, and the caller writes them: Lua's number formatting costs
 --   as much as a Redis command).
 --   idem    "<period>|<token>|<n>|<ms>", n its number, ms when it was made; followed by
---           "|<record>" once the reservation's own record was dropped
+--           "|<record>" once the reservation's own record was dropped; a grant's
+--           "<period>|<grant_id>|<n>|<ms>|<fingerprint>" (of its credits and reason)
 -- A feature is stored as its code, given out per period on first use: names are up to 64
 -- characters and would otherwise dominate every record and event.
 --
@@ -50,7 +64,7 @@ local GENERATION = 500
 -- two, so about 100 actions' records stay in the account); a reserve reports it due.
 local MOVE_EVERY = 200
 
--- Credits this call returned from lapsed holds; every reply carries it last.
+-- Credits this call returned from lapsed holds; every reply carries it (its 10th field).
 local swept = 0
 
 -- When the period's keys expire (ms since epoch); set by every script that writes.
@@ -82,6 +96,7 @@ local num, parse_record, counters, sweep_due, find_record, feature_name, new_cod
 local trim_log, push_events, expire_holds, release_lapsed, effective_held
 local settle_target, settle_hold, settle_reply, move_settled, idem_find, idem_write
 local outbox_record
+local monthly_allowance
 
 local function define_helpers()
   if num then
@@ -102,11 +117,17 @@ local function define_helpers()
     return state, tonumber(cost), base + tonumber(expires, 16), code, tonumber(seq), cost, expires
   end
 
-  -- The account's counters: used, held, seq, next (nil without holds), and whether the
-  -- hash exists (held is written with its first hold and never removed).
+  -- The account's counters: used, held, seq, next (nil without holds), whether the
+  -- hash exists (held is written with its first hold and never removed) and granted.
   function counters(account)
-    local used, held, seq, nxt = unpack(redis.call('HMGET', account, 'used', 'held', 'seq', 'next'))
-    return num(used), num(held), num(seq), tonumber(nxt), held ~= false
+    local used, held, seq, nxt, granted =
+      unpack(redis.call('HMGET', account, 'used', 'held', 'seq', 'next', 'granted'))
+    return num(used), num(held), num(seq), tonumber(nxt), held ~= false, num(granted)
+  end
+
+  -- The coach's monthly allowance: its own (the override key), else `configured`.
+  function monthly_allowance(override, configured)
+    return tonumber(redis.call('GET', override)) or tonumber(configured)
   end
 
   -- Whether some hold may have lapsed by `now`. Held credits include lapsed holds not yet
@@ -139,26 +160,32 @@ local function define_helpers()
   end
 
   -- Keeps the log at `events_max` rows once a push made it `n` long: the rows that fall
-  -- off go into the baseline, so the kept rows replayed on it still give used and held.
+  -- off go into the baseline, so the kept rows replayed on it still give used, held and
+  -- granted.
   function trim_log(account, events, n, events_max)
     local rows = redis.call('RPOP', events, n - events_max)
-    local used, held = 0, 0
+    local used, held, granted = 0, 0, 0
     for _, row in ipairs(rows) do
-      local kind, cost = string.match(row, '^(%a)(%d+)|')
-      cost = num(cost)
+      local kind, amount = string.match(row, '^(%a)(%-?%d*)|')
+      amount = num(amount)
       if kind == 'h' then
-        held = held + cost
+        held = held + amount
       elseif kind == 'c' then
-        held, used = held - cost, used + cost
-      elseif kind then -- r, e: the credits came back
-        held = held - cost
-      end
+        held, used = held - amount, used + amount
+      elseif kind == 'r' or kind == 'e' then -- the credits came back
+        held = held - amount
+      elseif kind == 'g' then
+        granted = granted + amount
+      end -- x, a: no counter changed
     end
     if used ~= 0 then
       redis.call('HINCRBY', account, 'base_used', used)
     end
     if held ~= 0 then
       redis.call('HINCRBY', account, 'base_held', held)
+    end
+    if granted ~= 0 then
+      redis.call('HINCRBY', account, 'base_granted', granted)
     end
   end
 
@@ -279,8 +306,8 @@ local function define_helpers()
   -- nothing, for an unknown token.
   function settle_target(account, holds, events, settled, events_max, now, token, batch)
     local field = 'r:' .. token
-    local rec, used, held, seq, nxt =
-      unpack(redis.call('HMGET', account, field, 'used', 'held', 'seq', 'next'))
+    local rec, used, held, seq, nxt, granted =
+      unpack(redis.call('HMGET', account, field, 'used', 'held', 'seq', 'next', 'granted'))
     if not rec then
       rec = find_record(account, settled, token)
       if not rec then
@@ -291,7 +318,7 @@ local function define_helpers()
       return nil -- not a record this version wrote
     end
     local prior = string.sub(rec, 1, 1)
-    local t = {used = num(used), held = num(held), seq = num(seq)}
+    local t = {used = num(used), held = num(held), seq = num(seq), granted = num(granted)}
     if sweep_due(t.held, tonumber(nxt), now) then
       release_lapsed(account, holds, events, events_max, now, batch)
       local again = redis.call('HMGET', account, field, 'held', 'seq')
@@ -329,10 +356,11 @@ local function define_helpers()
     t.state = state
   end
 
+  -- `t.monthly` is the caller's to set (monthly_allowance).
   function settle_reply(account, outcome, token, t)
     local again = t.prior ~= 'h' and 'again' or ''
     return {outcome, t.used, t.held, token, t.state, t.cost, t.expires,
-            feature_name(account, t.code), again, swept}
+            feature_name(account, t.code), again, swept, t.monthly, t.granted}
   end
 
   -- Before dropping the oldest settled records, writes each one's final state into the
@@ -436,9 +464,10 @@ local function define_helpers()
     return last
   end
 
-  -- A new record after the one numbered `last`; idem:0 lives `ttl` ms past its last write,
-  -- the older generations less, as everything in them is older.
-  function idem_write(idem, digest, value, last, now_text, ttl)
+  -- A new record after the one numbered `last` (`suffix`: what follows its time, for a
+  -- grant); idem:0 lives `ttl` ms past its last write, the older generations less, as
+  -- everything in them is older.
+  function idem_write(idem, digest, value, last, now_text, ttl, suffix)
     if last > 0 and last % GENERATION == 0 then
       redis.call('DEL', idem[3])
       if redis.call('EXISTS', idem[2]) == 1 then
@@ -447,7 +476,7 @@ local function define_helpers()
       redis.call('RENAME', idem[1], idem[2])
     end
     local n = last + 1
-    redis.call('HSET', idem[1], digest, value .. '|' .. n .. '|' .. now_text, '#', n)
+    redis.call('HSET', idem[1], digest, value .. '|' .. n .. '|' .. now_text .. (suffix or ''), '#', n)
     redis.call('PEXPIRE', idem[1], ttl)
   end
 
@@ -470,6 +499,7 @@ local function define_helpers()
           redis.call('HSET', deliveries, id, cjson.encode({
             webhook_id = webhook_id, url = url, threshold = threshold, coach_id = coach,
             period = period, used = t.used, held = t.held, allowance = allowance,
+            base_allowance = t.monthly, granted = t.granted,
             recorded_at = now, attempts = 0, status = 'pending', next_attempt_at = now}))
           redis.call('ZADD', due, now, id)
           redis.call('ZADD', log, now, id)

@@ -6,7 +6,7 @@
 -- ARGV[1] now (ms since epoch)     ARGV[2] delivery id ("<url> <webhook-id>")
 -- ARGV[3] the claim lapses at (ms)
 --
--- Reply: {status, 0, 0, id, delivery status, attempts, next_attempt_at, '', record, swept}
+-- Reply: {status, 0, 0, id, delivery status, attempts, next_attempt_at, '', record, swept, 0, 0}
 --   OK        claimed: attempts counts this attempt, next_attempt_at is when the claim
 --             lapses, record is the delivery (JSON)
 --   NOT_DUE   pending, but claimed elsewhere or not due before next_attempt_at
@@ -22,10 +22,10 @@ if not at or not rec then
     redis.call('ZREM', due, id)
   end
   local status = rec and cjson.decode(rec).status or ''
-  return {'DONE', 0, 0, id, status, 0, 0, '', '', swept}
+  return {'DONE', 0, 0, id, status, 0, 0, '', '', swept, 0, 0}
 end
 if at > now then
-  return {'NOT_DUE', 0, 0, id, 'pending', 0, at, '', '', swept}
+  return {'NOT_DUE', 0, 0, id, 'pending', 0, at, '', '', swept, 0, 0}
 end
 local d = cjson.decode(rec)
 d.attempts = d.attempts + 1
@@ -33,4 +33,4 @@ d.next_attempt_at = lapses
 rec = cjson.encode(d)
 redis.call('HSET', deliveries, id, rec)
 redis.call('ZADD', due, lapses, id)
-return {'OK', 0, 0, id, 'pending', d.attempts, lapses, '', rec, swept}
+return {'OK', 0, 0, id, 'pending', d.attempts, lapses, '', rec, swept, 0, 0}

@@ -6,7 +6,7 @@
 -- ARGV[4] outcome: 'delivered', 'retry' or 'failed' (given up)
 -- ARGV[5] next attempt at (ms; retry only)   ARGV[6] the attempt's error ('' if none)
 --
--- Reply: {status, 0, 0, id, delivery status, attempts, next_attempt_at, '', '', swept}
+-- Reply: {status, 0, 0, id, delivery status, attempts, next_attempt_at, '', '', swept, 0, 0}
 --   OK      recorded
 --   STALE   a retry or give-up whose claim had lapsed and was taken over by a later
 --           attempt: nothing written (a delivery is recorded whichever attempt made it)
@@ -16,14 +16,14 @@ local now, id, attempt, outcome = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]),
 
 local rec = redis.call('HGET', deliveries, id)
 if not rec then
-  return {'DONE', 0, 0, id, '', 0, 0, '', '', swept}
+  return {'DONE', 0, 0, id, '', 0, 0, '', '', swept, 0, 0}
 end
 local d = cjson.decode(rec)
 if d.status ~= 'pending' then
-  return {'DONE', 0, 0, id, d.status, d.attempts, 0, '', '', swept}
+  return {'DONE', 0, 0, id, d.status, d.attempts, 0, '', '', swept, 0, 0}
 end
 if outcome ~= 'delivered' and d.attempts ~= attempt then
-  return {'STALE', 0, 0, id, d.status, d.attempts, d.next_attempt_at, '', '', swept}
+  return {'STALE', 0, 0, id, d.status, d.attempts, d.next_attempt_at, '', '', swept, 0, 0}
 end
 if ARGV[6] ~= '' then
   d.last_error = ARGV[6]
@@ -47,4 +47,4 @@ else
   end
 end
 redis.call('HSET', deliveries, id, cjson.encode(d))
-return {'OK', 0, 0, id, d.status, d.attempts, next_at, '', '', swept}
+return {'OK', 0, 0, id, d.status, d.attempts, next_at, '', '', swept, 0, 0}

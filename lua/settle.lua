@@ -2,20 +2,23 @@
 -- a settlement changes nothing.
 --
 -- KEYS[1] account hash     KEYS[2] holds zset     KEYS[3] events list
--- KEYS[4..6] settled:0..2 hashes (the period's older settled records)
+-- KEYS[4] the coach's allowance override (absent unless the coach has its own)
+-- KEYS[5..7] settled:0..2 hashes (the period's older settled records)
 -- ARGV[1] now (ms since epoch)   ARGV[2] token of the hold
 -- ARGV[3] lapsed holds released per call   ARGV[4] events kept per period
 -- ARGV[5] period keys expire at (ms)       ARGV[6] action: 'commit' or 'refund'
 -- ARGV[7] period starts at (ms)            ARGV[8] now, in ms after the period starts, in hex
+-- ARGV[9] configured monthly allowance
 -- Threshold webhooks, on commits only and only while endpoints are configured:
--- KEYS[7] outbox deliveries hash   KEYS[8] outbox due zset
--- KEYS[9] outbox log zset          KEYS[10] outbox failed zset (the outbox of this slot)
--- ARGV[9] allowance (credits this period)   ARGV[10] endpoint urls, space-separated
+-- KEYS[8] outbox deliveries hash   KEYS[9] outbox due zset
+-- KEYS[10] outbox log zset         KEYS[11] outbox failed zset (the outbox of this slot)
+-- ARGV[10] endpoint urls, space-separated
 -- ARGV[11] deliveries kept per outbox       ARGV[12] deliveries kept for (ms)
 --
--- Reply: {status, used, held, token, state, cost, expires_ms, feature, extra, swept
---         [, 'deliveries', outbox deliveries key, delivery id, ...]}
+-- Reply: {status, used, held, token, state, cost, expires_ms, feature, extra, swept,
+--         monthly, granted [, 'deliveries', outbox deliveries key, delivery id, ...]}
 --   swept: credits this call returned from lapsed holds (their expiry)
+--   monthly, granted: the coach's monthly allowance in force and the period's grants
 --   OK         commit: committed now or before (state c)
 --              refund: refunded now or before (state r), or it had expired (state e):
 --              either way its credits are back
@@ -30,15 +33,17 @@ local account, holds, events = KEYS[1], KEYS[2], KEYS[3]
 local now, token = tonumber(ARGV[1]), ARGV[2]
 local batch, events_max = tonumber(ARGV[3]), tonumber(ARGV[4])
 local commit = ARGV[6] == 'commit'
-local allowance = tonumber(ARGV[9])
 keys_expire_at = ARGV[5]
 base = tonumber(ARGV[7])
 define_helpers()
 
-local t = settle_target(account, holds, events, {KEYS[4], KEYS[5], KEYS[6]}, events_max, now, token, batch)
+local t = settle_target(account, holds, events, {KEYS[5], KEYS[6], KEYS[7]}, events_max, now, token, batch)
 if not t then
-  return {'NOT_FOUND', 0, 0, token, '', 0, 0, '', '', swept}
+  return {'NOT_FOUND', 0, 0, token, '', 0, 0, '', '', swept, 0, 0}
 end
+t.monthly = monthly_allowance(KEYS[4], ARGV[9])
+-- The effective allowance: what used is measured against once this call is done.
+local allowance = t.monthly + t.granted
 
 local outcome = 'OK'
 local notified -- threshold webhooks: the reply's tail, when this commit recorded any
@@ -48,12 +53,12 @@ if t.state == 'h' then
   -- reached that was not notified yet this period becomes one delivery per endpoint.
   -- `wh` in the account is the highest threshold notified: never lowered (no re-arming).
   local used = t.used
-  if commit and KEYS[7] and (used * 100 > allowance * 70 or used >= allowance) then
+  if commit and KEYS[8] and (used * 100 > allowance * 70 or used >= allowance) then
     local passed = (used >= allowance and 100) or (used * 100 > allowance * 90 and 90) or 70
     local done = tonumber(redis.call('HGET', account, 'wh')) or 0
     if passed > done then
       redis.call('HSET', account, 'wh', passed)
-      notified = outbox_record({KEYS[7], KEYS[8], KEYS[9], KEYS[10]}, ARGV[10],
+      notified = outbox_record({KEYS[8], KEYS[9], KEYS[10], KEYS[11]}, ARGV[10],
         tonumber(ARGV[11]), tonumber(ARGV[12]), now, account, t, allowance, done, passed)
     end
   end
@@ -67,8 +72,9 @@ elseif not commit and t.state == 'c' then
 end
 local reply = settle_reply(account, outcome, token, t)
 if notified then
+  local n = #reply
   for i = 1, #notified do
-    reply[10 + i] = notified[i]
+    reply[n + i] = notified[i]
   end
 end
 return reply

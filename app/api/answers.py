@@ -30,9 +30,13 @@ class Answer(NamedTuple):
         await send({"type": "http.response.body", "body": self.body})
 
 
-def json_answer(status: int, body: bytes) -> Answer:
-    """JSON already encoded, with the headers ``JSONResponse`` gives it."""
-    return Answer(status, [(b"content-length", str(len(body)).encode("latin-1")), _JSON_TYPE], body)
+def json_answer(status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> Answer:
+    """JSON already encoded, with the headers ``JSONResponse`` gives it, after ``extra``
+    (raw header pairs) where there are some."""
+    length = (b"content-length", str(len(body)).encode("latin-1"))
+    if extra:
+        return Answer(status, [*extra, length, _JSON_TYPE], body)
+    return Answer(status, [length, _JSON_TYPE], body)
 
 
 class FastJSONResponse(JSONResponse):

@@ -36,25 +36,61 @@ from app.api.schemas import EXAMPLE_RESERVATION_ID
 from app.api.streams import UsageStreams, Watch, usage_text
 from app.domain import Period
 from app.errors import InvalidRequest
-from app.store import EventPage
+from app.store import Event, EventPage
 
 log = logging.getLogger("credits.api")
 
 router = APIRouter()
 
-EventKind = Literal["held", "committed", "refunded", "expired"]
-
 #: Sent with the first event: how long a browser's EventSource waits to reconnect.
 RECONNECT_MS: Final = 2000
 
 
-class EventOut(BaseModel):
-    seq: Annotated[int, Field(ge=1)]
-    at: Annotated[str, Field(json_schema_extra={"format": "date-time"})]
-    kind: EventKind
+Seq = Annotated[int, Field(ge=1)]
+At = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
+
+
+class ReservationEventOut(BaseModel):
+    seq: Seq
+    at: At
+    kind: Literal["held", "committed", "refunded", "expired"]
     reservation_id: str
     feature: str
     cost: Annotated[int, Field(ge=1)]
+
+
+class ExtendedEventOut(BaseModel):
+    seq: Seq
+    at: At
+    kind: Literal["extended"]
+    reservation_id: str
+    expires_at: At = Field(description="The hold's new expiry.")
+
+
+class GrantedEventOut(BaseModel):
+    seq: Seq
+    at: At
+    kind: Literal["granted"]
+    grant_id: str
+    credits: int = Field(description="Added to the period's allowance; negative removed them.")
+    reason: str
+
+
+class AllowanceChangedEventOut(BaseModel):
+    seq: Seq
+    at: At
+    kind: Literal["allowance_changed"]
+    monthly_allowance: int | None = Field(
+        description="The coach's own monthly allowance from now on; null: deleted, back "
+        "to the configured one."
+    )
+
+
+#: The fields after ``kind`` depend on it.
+EventOut = Annotated[
+    ReservationEventOut | ExtendedEventOut | GrantedEventOut | AllowanceChangedEventOut,
+    Field(discriminator="kind"),
+]
 
 
 class EventsOut(BaseModel):
@@ -73,15 +109,36 @@ class EventsOut(BaseModel):
                         },
                         {
                             "seq": 41,
+                            "at": "2026-11-14T12:00:30Z",
+                            "kind": "extended",
+                            "reservation_id": EXAMPLE_RESERVATION_ID,
+                            "expires_at": "2026-11-14T12:05:30Z",
+                        },
+                        {
+                            "seq": 40,
                             "at": "2026-11-14T12:00:02Z",
                             "kind": "held",
                             "reservation_id": EXAMPLE_RESERVATION_ID,
                             "feature": "trend_analysis",
                             "cost": 3,
                         },
+                        {
+                            "seq": 39,
+                            "at": "2026-11-14T09:30:00Z",
+                            "kind": "granted",
+                            "grant_id": "nq3Xw0sE1kq0bP6w8T0M7A",
+                            "credits": 5,
+                            "reason": "Goodwill after the outage of November 12",
+                        },
+                        {
+                            "seq": 38,
+                            "at": "2026-11-14T09:29:00Z",
+                            "kind": "allowance_changed",
+                            "monthly_allowance": 200,
+                        },
                     ],
                     # Null on the last page.
-                    "next_before": 41,
+                    "next_before": 38,
                 }
             ]
         }
@@ -93,21 +150,21 @@ class EventsOut(BaseModel):
     )
 
 
+def event_json(e: Event) -> dict[str, object]:
+    """One event with the fields of its kind."""
+    head: dict[str, object] = {"seq": e.seq, "at": domain.iso_z(e.at), "kind": e.kind}
+    if e.kind == "granted":
+        return {**head, "grant_id": e.grant_id, "credits": e.credits, "reason": e.reason}
+    if e.kind == "allowance_changed":
+        return {**head, "monthly_allowance": e.monthly_allowance}
+    if e.kind == "extended" and e.expires_at is not None:
+        expires_at = domain.iso_z(e.expires_at)
+        return {**head, "reservation_id": str(e.reservation_id), "expires_at": expires_at}
+    return {**head, "reservation_id": str(e.reservation_id), "feature": e.feature, "cost": e.cost}
+
+
 def events_json(page: EventPage) -> dict[str, object]:
-    return {
-        "events": [
-            {
-                "seq": e.seq,
-                "at": domain.iso_z(e.at),
-                "kind": e.kind,
-                "reservation_id": str(e.reservation_id),
-                "feature": e.feature,
-                "cost": e.cost,
-            }
-            for e in page.events
-        ],
-        "next_before": page.next_before,
-    }
+    return {"events": [event_json(e) for e in page.events], "next_before": page.next_before}
 
 
 @router.get(
@@ -117,12 +174,13 @@ def events_json(page: EventPage) -> dict[str, object]:
     tags=["usage"],
     summary="The coach's event log for one month, newest first",
     description=(
-        "Every hold, commit, refund and expiry, each numbered by `seq` (consecutive per "
-        "coach and month). Pages go backwards in time: pass `next_before` as `before` "
-        "to get the next page; it is null on the last one. An expiry is logged when the "
-        "service notices the lapsed hold (on the coach's next change), with `at` set to "
-        "the moment the hold lapsed. The log keeps the newest events of the month "
-        "(CREDITS_EVENTS_MAX)."
+        "Every hold, commit, refund, expiry and extension, every grant and every change "
+        "of the coach's monthly allowance, each numbered by `seq` (consecutive per coach "
+        "and month); the fields after `kind` depend on it. Pages go backwards in time: "
+        "pass `next_before` as `before` to get the next page; it is null on the last one. "
+        "An expiry is logged when the service notices the lapsed hold (on the coach's next "
+        "change), with `at` set to the moment the hold lapsed. The log keeps the newest "
+        "events of the month (CREDITS_EVENTS_MAX)."
     ),
 )
 async def list_events(

@@ -35,6 +35,8 @@ from app.api.schemas import (
     PERIOD_PATTERN,
     RESERVATION_ID_PATTERN,
     CreditsExhaustedProblemOut,
+    ExtensionLimitProblemOut,
+    GrantExceedsRemainingProblemOut,
     InvalidRequestProblemOut,
     ProblemOut,
 )
@@ -43,7 +45,10 @@ from app.errors import (
     BackendUnavailable,
     CreditsError,
     CreditsExhausted,
+    ExtensionLimit,
     Forbidden,
+    GrantExceedsRemaining,
+    GrantLimit,
     IdempotencyKeyReused,
     InvalidCoachId,
     InvalidRequest,
@@ -83,6 +88,8 @@ def _exhausted(*, used: int, held: int, cost: int, wait: int | None) -> CreditsE
         remaining=domain.remaining(50, used, held),
         resets_at=_NOVEMBER.resets_at,
         retry_after=wait or 1_425_600,
+        allowance=50,
+        period=_NOVEMBER,
     )
 
 
@@ -119,15 +126,29 @@ EXAMPLES: Final[dict[str, list[CreditsError]]] = {
     "forbidden": [Forbidden("This API key lacks the worker scope needed here.")],
     "not_found": [NotFound("There is nothing at this path.")],
     "reservation_not_found": [ReservationNotFound(EXAMPLE_RESERVATION_ID)],
-    "reservation_refunded": [ReservationRefunded(EXAMPLE_RESERVATION_ID)],
-    "reservation_expired": [ReservationExpired(EXAMPLE_RESERVATION_ID)],
-    "reservation_committed": [ReservationCommitted(EXAMPLE_RESERVATION_ID)],
+    "reservation_refunded": [
+        ReservationRefunded(EXAMPLE_RESERVATION_ID),
+        ReservationRefunded(EXAMPLE_RESERVATION_ID, extending=True),
+    ],
+    "reservation_expired": [
+        ReservationExpired(EXAMPLE_RESERVATION_ID),
+        ReservationExpired(EXAMPLE_RESERVATION_ID, extending=True),
+    ],
+    "reservation_committed": [
+        ReservationCommitted(EXAMPLE_RESERVATION_ID),
+        ReservationCommitted(EXAMPLE_RESERVATION_ID, extending=True),
+    ],
+    "extension_limit": [ExtensionLimit(_NOVEMBER.holds_end_at)],
+    "grant_exceeds_remaining": [GrantExceedsRemaining(-10, 3)],
+    "grant_limit": [GrantLimit(domain.MAX_GRANTS_PER_PERIOD)],
     "credits_exhausted": [
         _exhausted(used=50, held=0, cost=1, wait=None),
         _exhausted(used=48, held=0, cost=3, wait=None),
         _exhausted(used=40, held=9, cost=3, wait=90),
     ],
-    "too_many_holds": [TooManyHolds(retry_after=214)],
+    "too_many_holds": [
+        TooManyHolds(retry_after=214, allowance=2000, remaining=400, period=_NOVEMBER)
+    ],
     "too_many_streams": [
         TooManyStreams(
             "This server already has 1000 usage streams open; try again shortly.", retry_after=42
@@ -143,6 +164,8 @@ EXAMPLES: Final[dict[str, list[CreditsError]]] = {
 _PROBLEM_MODELS: Final[tuple[tuple[type[CreditsError], type[ProblemOut]], ...]] = (
     (InvalidRequest, InvalidRequestProblemOut),
     (CreditsExhausted, CreditsExhaustedProblemOut),
+    (GrantExceedsRemaining, GrantExceedsRemainingProblemOut),
+    (ExtensionLimit, ExtensionLimitProblemOut),
 )
 
 
@@ -286,8 +309,8 @@ def _constrain_parameters(operation: dict[str, Any]) -> None:
             }
             parameter["description"] = (
                 "1-255 printable ASCII characters. A retry with the same key returns the "
-                "same reservation (200) and never holds twice; kept 24 hours, or until 1,000 "
-                "newer keys of the coach exist."
+                "same reservation or grant (200) and never holds or grants twice; kept 24 "
+                "hours, or until 1,000 newer keys of the coach exist."
             )
             parameter["example"] = "draft-42-1042"
         elif where == "query" and name == "period":
@@ -297,7 +320,13 @@ def _constrain_parameters(operation: dict[str, Any]) -> None:
 
 def _problem_components(schema: dict[str, Any]) -> None:
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (ProblemOut, InvalidRequestProblemOut, CreditsExhaustedProblemOut):
+    for model in (
+        ProblemOut,
+        InvalidRequestProblemOut,
+        CreditsExhaustedProblemOut,
+        GrantExceedsRemainingProblemOut,
+        ExtensionLimitProblemOut,
+    ):
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
         for name, nested in body.pop("$defs", {}).items():
             components.setdefault(name, nested)
@@ -322,8 +351,9 @@ def _document(app: FastAPI, schema: dict[str, Any]) -> None:
             "scheme": "bearer",
             "description": (
                 "An API key from CREDITS_API_KEYS. Scopes: worker (reserve, commit, refund, "
-                "read reservations and usage), reader (features, usage, batches of usage, the "
-                "event log, the usage stream) and admin (everything). A missing or unknown "
+                "extend, read reservations and usage), reader (features, usage, batches of "
+                "usage, the event log, grants, the usage stream) and admin (everything; "
+                "alone it sets coaches' allowances and grants credits). A missing or unknown "
                 "key is 401, a key without the scope 403. With no keys configured the "
                 "service runs open, for local use only."
             ),

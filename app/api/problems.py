@@ -12,15 +12,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Match
 
+from app.api.quota import headers_dict, quota_headers
 from app.errors import (
     BackendUnavailable,
+    Conflict,
     CreditsError,
     CreditsExhausted,
     Forbidden,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
-    ReservationConflict,
     TooManyHolds,
     TooManyStreams,
     Unauthorized,
@@ -35,7 +36,7 @@ STATUS_BY_ERROR: Final[tuple[tuple[type[CreditsError], int], ...]] = (
     (CreditsExhausted, 429),
     (TooManyHolds, 429),
     (TooManyStreams, 429),
-    (ReservationConflict, 409),
+    (Conflict, 409),
     (NotFound, 404),
     (InvalidRequest, 422),
     (PayloadTooLarge, 413),
@@ -106,6 +107,11 @@ def error_response(exc: CreditsError, *, retry_after_unavailable: int = 1) -> Re
     headers: dict[str, str] = {}
     if isinstance(exc, CreditsExhausted | TooManyHolds | TooManyStreams):
         headers["Retry-After"] = str(exc.retry_after)
+        if isinstance(exc, CreditsExhausted | TooManyHolds):
+            # Quota headers: a single reserve's 429 (batch items carry no headers). ``t``
+            # is Retry-After: the reset, or when holds alone block, the first hold's lapse.
+            quota = quota_headers(exc.allowance, exc.remaining, exc.period, exc.retry_after)
+            headers.update(headers_dict(quota))
     elif isinstance(exc, BackendUnavailable):
         headers["Retry-After"] = str(retry_after_unavailable)
     elif isinstance(exc, Unauthorized):

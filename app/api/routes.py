@@ -16,6 +16,7 @@ from app.api.answers import Answer, FastJSONResponse, json_answer
 from app.api.deps import AnyScope, MetricsDep, Principal, Reader, StoreDep, Worker, store_of
 from app.api.openapi import QUOTA_HEADERS, problems
 from app.api.problems import problem_body
+from app.api.quota import headers_dict, usage_quota_headers
 from app.api.schemas import (
     BatchReserveOut,
     BatchReserveRequest,
@@ -100,7 +101,10 @@ async def reserve_answer(
         idempotency_key=idempotency_key,
         principal=principal.key_id,
     )
-    return json_answer(201 if created else 200, encode_reservation(reservation))
+    # The quota headers speak of the current period, also when a replay answers with an
+    # earlier period's reservation.
+    quota = usage_quota_headers(reservation.current or reservation.usage, store.clock())
+    return json_answer(201 if created else 200, encode_reservation(reservation), quota)
 
 
 async def commit_answer(store: CreditStore, reservation_id: str) -> Answer:
@@ -293,7 +297,10 @@ def _item_problem(exc: CreditsError) -> dict[str, object]:
     description="A coach never seen before reads as untouched. Reading creates nothing.",
 )
 async def get_usage(coach_id: str, request: Request, _: AnyScope) -> JSONResponse:
-    return FastJSONResponse(usage_json(await store_of(request).usage(coach_id)))
+    store = store_of(request)
+    usage = await store.usage(coach_id)
+    quota = usage_quota_headers(usage, store.clock())
+    return FastJSONResponse(usage_json(usage), headers=headers_dict(quota))
 
 
 @router.post(

@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal
 
 import orjson
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from app import domain
-from app.domain import Period, Reservation, Usage
+from app.domain import Grant, Period, Reservation, Usage
 
 LevelName = Literal["green", "amber", "red"]
 StatusName = Literal["held", "committed", "refunded", "expired"]
@@ -82,6 +82,76 @@ class ReserveRequest(_Strict):
     ) = Field(default=None, description="How long the hold lives if nobody settles it (300).")
 
 
+class ExtendRequest(_Strict):
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"ttl_seconds": 300}]}
+    )
+
+    ttl_seconds: Annotated[
+        int,
+        Field(
+            ge=domain.MIN_TTL_SECONDS,
+            le=domain.MAX_TTL_SECONDS,
+            description="The hold then expires this many seconds from now.",
+        ),
+        WHOLE,
+    ]
+
+
+class AllowanceRequest(_Strict):
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"monthly_allowance": 200}]}
+    )
+
+    monthly_allowance: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=domain.MAX_MONTHLY_ALLOWANCE,
+            description="The coach's credits per month, from the current period on.",
+        ),
+        WHOLE,
+    ]
+
+
+class GrantRequest(_Strict):
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {"credits": 5, "reason": "Goodwill after the outage of November 12"},
+                {"credits": -3, "reason": "Duplicate analysis charged twice, reversed"},
+            ]
+        },
+    )
+
+    credits: Annotated[
+        int,
+        Field(
+            ge=-domain.MAX_GRANT_CREDITS,
+            le=domain.MAX_GRANT_CREDITS,
+            description="Credits added to this period's allowance; negative removes them. Not 0.",
+        ),
+        WHOLE,
+    ]
+    reason: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=domain.MAX_GRANT_REASON_CHARS,
+            description="Why, for support staff (1-200 characters).",
+        ),
+    ]
+
+    @field_validator("credits")
+    @classmethod
+    def _not_zero(cls, credits: int) -> int:
+        if credits == 0:
+            raise ValueError("a grant adds or removes at least one credit")
+        return credits
+
+
 class BatchUsageRequest(_Strict):
     model_config = ConfigDict(
         extra="forbid",
@@ -121,6 +191,8 @@ _USAGE_EXAMPLE: Final[dict[str, object]] = {
     "coach_id": EXAMPLE_COACH,
     "period": "2026-11",
     "allowance": 50,
+    "base_allowance": 50,
+    "granted": 0,
     "used": 13,
     "held": 3,
     "remaining": 34,
@@ -139,7 +211,22 @@ class UsageOut(BaseModel):
 
     coach_id: str
     period: Annotated[str, Field(pattern=PERIOD_PATTERN, description="YYYY-MM, UTC.")]
-    allowance: Annotated[int, Field(ge=0)]
+    allowance: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="base_allowance + granted, never below 0: what remaining, "
+            "percent_used and level are measured against.",
+        ),
+    ]
+    base_allowance: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="The coach's monthly allowance: its own when set, else the configured one.",
+        ),
+    ]
+    granted: int = Field(description="This period's grants added up; may be negative.")
     used: Annotated[int, Field(ge=0)]
     held: Annotated[int, Field(ge=0)]
     remaining: Annotated[int, Field(ge=0, description="allowance - used - held, never below 0.")]
@@ -190,6 +277,35 @@ class ReservationOut(BaseModel):
     )
 
 
+_GRANT_EXAMPLE: Final[dict[str, object]] = {
+    "grant_id": "nq3Xw0sE1kq0bP6w8T0M7A",
+    "coach_id": EXAMPLE_COACH,
+    "period": "2026-11",
+    "credits": 5,
+    "reason": "Goodwill after the outage of November 12",
+    "granted_at": "2026-11-14T09:30:00Z",
+    "usage": {**_USAGE_EXAMPLE, "allowance": 55, "granted": 5, "remaining": 39, "percent_used": 23},
+}
+
+
+class GrantOut(BaseModel):
+    model_config = _examples(_GRANT_EXAMPLE)
+
+    grant_id: str
+    coach_id: str
+    period: Annotated[str, Field(pattern=PERIOD_PATTERN)]
+    credits: int = Field(description="Added to the period's allowance; negative removed them.")
+    reason: str
+    granted_at: DateTime
+    usage: UsageOut = Field(description="The period's usage as this call left it.")
+
+
+class GrantsOut(BaseModel):
+    model_config = _examples({"grants": [_GRANT_EXAMPLE]})
+
+    grants: list[GrantOut] = Field(description="Oldest first.")
+
+
 class FieldError(BaseModel):
     loc: str = Field(description="Where, e.g. body.ttl_seconds.")
     msg: str
@@ -226,6 +342,22 @@ class CreditsExhaustedProblemOut(ProblemOut):
     cost: Annotated[int, Field(ge=1)]
     remaining: Annotated[int, Field(ge=0)]
     resets_at: DateTime
+
+
+class GrantExceedsRemainingProblemOut(ProblemOut):
+    """A 409 grant_exceeds_remaining: what remains to take."""
+
+    model_config = ConfigDict(title="GrantExceedsRemainingProblem")
+
+    remaining: Annotated[int, Field(ge=0)]
+
+
+class ExtensionLimitProblemOut(ProblemOut):
+    """A 409 extension_limit: the latest expiry the hold may have."""
+
+    model_config = ConfigDict(title="ExtensionLimitProblem")
+
+    latest_expires_at: DateTime
 
 
 class ReadyOut(BaseModel):
@@ -398,6 +530,8 @@ def usage_json(u: Usage) -> dict[str, object]:
         "coach_id": u.coach_id,
         "period": period,
         "allowance": u.allowance,
+        "base_allowance": u.base_allowance,
+        "granted": u.granted,
         "used": u.used,
         "held": u.held,
         "remaining": u.remaining,
@@ -426,6 +560,18 @@ def reservation_json(r: Reservation) -> dict[str, object]:
     if note is not None:
         body["note"] = note
     return body
+
+
+def grant_json(g: Grant) -> dict[str, object]:
+    return {
+        "grant_id": g.grant_id,
+        "coach_id": g.coach_id,
+        "period": _period_texts(g.period)[0],
+        "credits": g.credits,
+        "reason": g.reason,
+        "granted_at": _iso_z(g.granted_at),
+        "usage": usage_json(g.usage),
+    }
 
 
 def encode_reservation(r: Reservation) -> bytes:

@@ -57,6 +57,17 @@ def period_keys(coach_id: str, period: Period | str) -> PeriodKeys:
     )
 
 
+def allowance_key(coach_id: str) -> str:
+    """The coach's own monthly allowance (a number), absent unless one is set. Not per
+    period, and the one key of a coach that never expires while it is set."""
+    return f"{PREFIX}:{{{coach_id}}}:allowance"
+
+
+def grants_key(coach_id: str, period: Period | str) -> str:
+    """One period's grants, oldest first (``replies.decode_grant``)."""
+    return f"{PREFIX}:{{{coach_id}}}:{period}:grants"
+
+
 def idempotency_keys(coach_id: str) -> tuple[str, str, str]:
     """The coach's idempotency records, in three generations, newest first."""
     base = f"{PREFIX}:{{{coach_id}}}:idem"
@@ -69,6 +80,12 @@ def idempotency_digest(principal: str, idempotency_key: str) -> str:
     caller's key never reaches Redis raw and every record is short."""
     digest = hashlib.sha256(f"{principal}\n{idempotency_key}".encode()).digest()[:9]
     return base64.urlsafe_b64encode(digest).decode()
+
+
+def grant_idempotency_digest(principal: str, idempotency_key: str) -> str:
+    """A grant's idempotency record, in the same hashes and scope as a reserve's (the
+    caller's API key and the coach) but named apart, so the two never meet."""
+    return idempotency_digest(f"grant\n{principal}", idempotency_key)
 
 
 # --- threshold webhooks ------------------------------------------------------------

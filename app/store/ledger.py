@@ -1,4 +1,5 @@
-"""``CreditStore``: reserve, commit, refund and read credits, one script call each.
+"""``CreditStore``: reserve, commit, refund, extend, grant and read credits, one script
+call each.
 
 Python picks the period, the clock reading, the expiries and the key names and passes
 them in, so month boundaries are testable with a frozen clock; the scripts check and
@@ -7,6 +8,7 @@ change one coach's keys atomically.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,7 +20,9 @@ from redis import exceptions as redis_errors
 from app import domain
 from app.domain import (
     IDEMPOTENCY_TTL_SECONDS,
+    MAX_GRANTS_PER_PERIOD,
     FeatureAvailability,
+    Grant,
     Period,
     Reservation,
     ReservationId,
@@ -28,6 +32,9 @@ from app.domain import (
 from app.errors import (
     CreditsError,
     CreditsExhausted,
+    ExtensionLimit,
+    GrantExceedsRemaining,
+    GrantLimit,
     IdempotencyKeyReused,
     InvalidCoachId,
     ReservationCommitted,
@@ -41,14 +48,24 @@ from app.errors import (
 from app.metrics import Metrics
 from app.store import batch
 from app.store.batch import ReserveItem, SettleAction
-from app.store.keys import WRITE_PROBE_KEY, idempotency_digest, idempotency_keys, period_keys
+from app.store.keys import (
+    WRITE_PROBE_KEY,
+    allowance_key,
+    grant_idempotency_digest,
+    grants_key,
+    idempotency_digest,
+    idempotency_keys,
+    period_keys,
+)
 from app.store.replies import (
     REPLY_LENGTH,
     STATES,
     Baseline,
+    EventRow,
     Reply,
     decode_baseline,
     decode_event,
+    decode_grant,
     decode_reply,
     ms_after,
 )
@@ -103,14 +120,41 @@ class _SettleCall(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One line of a coach's event log: a hold, commit, refund or expiry."""
+    """One line of a coach's event log. ``kind`` says which fields it has:
+
+    - ``held``, ``committed``, ``refunded``, ``expired``: reservation_id, feature, cost;
+    - ``extended``: reservation_id, feature, expires_at;
+    - ``granted``: grant_id, credits, reason;
+    - ``allowance_changed``: monthly_allowance (None: the coach's own was deleted).
+    """
 
     seq: int
     at: datetime
     kind: str
-    reservation_id: ReservationId
-    feature: str
-    cost: int
+    reservation_id: ReservationId | None = None
+    feature: str = ""
+    cost: int = 0
+    expires_at: datetime | None = None
+    grant_id: str = ""
+    credits: int = 0
+    reason: str = ""
+    monthly_allowance: int | None = None
+
+    @classmethod
+    def of(cls, coach_id: str, period: Period, row: EventRow) -> Event:
+        at = domain.from_ms(row.ms)
+        if row.kind == "granted":
+            return cls(
+                row.seq, at, row.kind, grant_id=row.grant_id, credits=row.credits, reason=row.reason
+            )
+        if row.kind == "allowance_changed":
+            return cls(row.seq, at, row.kind, monthly_allowance=row.monthly_allowance)
+        rid = ReservationId.of(coach_id, period, row.token)
+        if row.kind == "extended":
+            return cls(
+                row.seq, at, row.kind, rid, row.feature, expires_at=domain.from_ms(row.expires_ms)
+            )
+        return cls(row.seq, at, row.kind, rid, row.feature, row.cost)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +175,7 @@ class ThresholdOutbox(Protocol):
 
     def commit_keys(self, coach_id: str) -> Sequence[str]: ...
 
-    def commit_args(self, allowance: int) -> Sequence[Any]: ...
+    def commit_args(self) -> Sequence[Any]: ...
 
     def recorded(self, tail: Sequence[Any]) -> None:
         """``tail``: what a settle reply carries after its ten fields."""
@@ -288,14 +332,22 @@ class CreditStore:
                 "starting with a letter or digit."
             )
 
-    def _usage(self, coach_id: str, period: Period, used: int, held: int) -> Usage:
-        left = domain.remaining(self.allowance, used, held)
+    def _usage(self, coach_id: str, period: Period, reply: Reply) -> Usage:
+        """The usage a script's reply reports: its counters, the monthly allowance in
+        force and the period's grants."""
+        base, granted, used, held = reply.base_allowance, reply.granted, reply.used, reply.held
+        allowance = base + granted
+        if allowance < 0:  # domain.effective_allowance, written out
+            allowance = 0
+        left = allowance - used - held
+        if left < 0:
+            left = 0
         features = self._features.get(left)
         if features is None:
             features = domain.feature_availability(self.feature_costs, left)
             if len(self._features) < 4096:
                 self._features[left] = features
-        return Usage(coach_id, period, self.allowance, used, held, features)
+        return Usage(coach_id, period, allowance, used, held, features, base, granted)
 
     def _reservation(self, rid: ReservationId, reply: Reply) -> Reservation:
         reservation = Reservation(
@@ -304,7 +356,7 @@ class CreditStore:
             reply.cost,
             STATES[reply.state],
             domain.from_ms(reply.expires_ms),
-            self._usage(rid.coach_id, rid.period, reply.used, reply.held),
+            self._usage(rid.coach_id, rid.period, reply),
         )
         if reply.state == "c":  # its note says which month it speaks of
             reservation.as_of = self._period_info(self.clock()).period
@@ -343,12 +395,11 @@ class CreditStore:
         now = self.clock()
         info = self._period_info(now)
         rid = ReservationId.new(coach_id, info.period)
-        keys: tuple[str, ...] = period_keys(coach_id, info.text)
+        k = period_keys(coach_id, info.text)
+        keys: tuple[str, ...] = (k.account, k.holds, k.events, allowance_key(coach_id))
         digest = ""
-        if idempotency_key is None:
-            keys = keys[:3]
-        else:
-            keys = (*keys, *idempotency_keys(coach_id))
+        if idempotency_key is not None:
+            keys = (*keys, *k.settled, *idempotency_keys(coach_id))
             digest = idempotency_digest(principal, idempotency_key)
         now_ms = domain.to_ms(now)
         expires_ms = now_ms + ttl * 1000
@@ -391,10 +442,13 @@ class CreditStore:
         if reply.status == "REPLAY_ELSEWHERE":
             # The reply names the earlier period; the record (or, once dropped, the final
             # state the idempotency record kept, in `feature`) is read there.
+            # A second call, paid only by a replay that crosses a month end; the current
+            # period's usage (for the quota headers) came with the first.
             earlier = ReservationId.of(coach_id, Period.parse(reply.extra), reply.token)
             reservation = await self._get(earlier, str(earlier), fallback=reply.feature)
             if reservation.feature != feature:
                 raise _key_reused(reservation.feature)
+            reservation.current = self._usage(coach_id, period, reply)
             return reservation, False
         if reply.status == "IDEM_REUSED":
             raise _key_reused(reply.feature)
@@ -405,14 +459,21 @@ class CreditStore:
         if reply.status == "TOO_MANY_HOLDS":
             self.metrics.count(feature, "too_many_holds")
             earliest = domain.from_ms(int(reply.extra or 0))
-            raise TooManyHolds(domain.seconds_until(earliest, call.now))
+            allowance = domain.effective_allowance(reply.base_allowance, reply.granted)
+            raise TooManyHolds(
+                domain.seconds_until(earliest, call.now),
+                allowance=allowance,
+                remaining=domain.remaining(allowance, reply.used, reply.held),
+                period=period,
+            )
         raise RuntimeError(f"unexpected reserve reply {reply.status!r}")
 
     def _exhausted(
         self, feature: str, cost: int, period: Period, now: datetime, reply: Reply
     ) -> CreditsExhausted:
+        allowance = domain.effective_allowance(reply.base_allowance, reply.granted)
         first_expiry = int(reply.extra or 0)
-        held_up = self.allowance - reply.used >= cost and first_expiry > 0
+        held_up = allowance - reply.used >= cost and first_expiry > 0
         hold_wait = domain.seconds_until(domain.from_ms(first_expiry), now) if held_up else None
         retry_after = (
             hold_wait if hold_wait is not None else domain.seconds_until(period.resets_at, now)
@@ -420,7 +481,7 @@ class CreditStore:
         detail = domain.exhausted_detail(
             feature=feature,
             cost=cost,
-            allowance=self.allowance,
+            allowance=allowance,
             used=reply.used,
             held=reply.held,
             period=period,
@@ -429,13 +490,15 @@ class CreditStore:
         return CreditsExhausted(
             detail,
             title=domain.exhausted_title(
-                cost=cost, allowance=self.allowance, used=reply.used, hold_wait_seconds=hold_wait
+                cost=cost, allowance=allowance, used=reply.used, hold_wait_seconds=hold_wait
             ),
             feature=feature,
             cost=cost,
-            remaining=domain.remaining(self.allowance, reply.used, reply.held),
+            remaining=domain.remaining(allowance, reply.used, reply.held),
             resets_at=period.resets_at,
             retry_after=retry_after,
+            allowance=allowance,
+            period=period,
         )
 
     def _parse_id(self, reservation_id: str) -> ReservationId:
@@ -463,8 +526,8 @@ class CreditStore:
         info = self._info_of(rid.period.year, rid.period.month)
         command = self._command(
             "get_reservation",
-            (k.account, k.holds, *k.settled),
-            (domain.to_ms(self.clock()), rid.token, fallback, info.start_ms),
+            (k.account, k.holds, allowance_key(rid.coach_id), *k.settled),
+            (domain.to_ms(self.clock()), rid.token, fallback, info.start_ms, self.allowance),
         )
         reply = await self._run(command, "get_reservation")
         if reply.status == "NOT_FOUND":
@@ -485,12 +548,20 @@ class CreditStore:
             action,
             info.start_ms,
             ms_after(info.start_ms, now_ms),
+            self.allowance,
         )
-        keys: Sequence[str] = period_keys(rid.coach_id, info.text)
+        k = period_keys(rid.coach_id, info.text)
+        keys: tuple[str, ...] = (
+            k.account,
+            k.holds,
+            k.events,
+            allowance_key(rid.coach_id),
+            *k.settled,
+        )
         outbox = self.outbox
         if outbox is not None and action == "commit":
             keys = (*keys, *outbox.commit_keys(rid.coach_id))
-            args = (*args, *outbox.commit_args(self.allowance))
+            args = (*args, *outbox.commit_args())
         return _SettleCall(action, rid, self._command("settle", keys, args))
 
     def _settle_outcome(self, call: _SettleCall, reply: Reply) -> Reservation:
@@ -522,14 +593,178 @@ class CreditStore:
         call = self._settle_call(reservation_id, "refund")
         return self._settle_outcome(call, await self._run(call.command, "refund"))
 
+    async def extend(self, reservation_id: str, ttl_seconds: int) -> Reservation:
+        """Move a live hold's expiry to now + ``ttl_seconds`` (never past an hour after
+        its period ends)."""
+        rid = self._parse_id(reservation_id)
+        period = rid.period
+        info = self._info_of(period.year, period.month)
+        now_ms = domain.to_ms(self.clock())
+        expires_ms = now_ms + ttl_seconds * 1000
+        latest = period.holds_end_at
+        args = (
+            now_ms,
+            rid.token,
+            expires_ms,
+            domain.to_ms(latest),
+            self.release_batch,
+            self.events_max,
+            info.keys_expire_ms,
+            self.allowance,
+            info.start_ms,
+            ms_after(info.start_ms, now_ms),
+            ms_after(info.start_ms, expires_ms),
+        )
+        k = period_keys(rid.coach_id, info.text)
+        keys = (k.account, k.holds, k.events, allowance_key(rid.coach_id), *k.settled)
+        reply = await self._run(self._command("extend", keys, args), "extend")
+        match reply.status:
+            case "OK":
+                self.metrics.count(reply.feature, "extended")
+                return self._reservation(rid, reply)
+            case "NOT_FOUND":
+                raise ReservationNotFound(reservation_id)
+            case "COMMITTED":
+                raise ReservationCommitted(reservation_id, extending=True)
+            case "REFUNDED":
+                raise ReservationRefunded(reservation_id, extending=True)
+            case "EXPIRED":
+                raise ReservationExpired(reservation_id, extending=True)
+            case "LIMIT":
+                raise ExtensionLimit(latest)
+        raise RuntimeError(f"unexpected extend reply {reply.status!r}")
+
+    async def set_allowance(self, coach_id: str, monthly_allowance: int | None) -> Usage:
+        """Give the coach its own monthly allowance, from the current period on, or with
+        None go back to the configured one. Returns the current period's usage."""
+        self.check_coach_id(coach_id)
+        now = self.clock()
+        info = self._period_info(now)
+        now_ms = domain.to_ms(now)
+        value = "" if monthly_allowance is None else str(int(monthly_allowance))
+        args = (
+            now_ms,
+            value,
+            self.allowance,
+            info.keys_expire_ms,
+            self.events_max,
+            ms_after(info.start_ms, now_ms),
+        )
+        k = period_keys(coach_id, info.text)
+        keys = (k.account, k.holds, k.events, allowance_key(coach_id))
+        reply = await self._run(self._command("set_allowance", keys, args), "set_allowance")
+        return self._usage(coach_id, info.period, reply)
+
+    async def grant(
+        self,
+        coach_id: str,
+        credits: int,
+        reason: str,
+        *,
+        idempotency_key: str | None = None,
+        principal: str = "",
+    ) -> tuple[Grant, bool]:
+        """Add ``credits`` (or remove them, when negative) to the current period's
+        allowance. Returns the grant and whether it is new (False: an idempotent replay)."""
+        self.check_coach_id(coach_id)
+        now = self.clock()
+        info = self._period_info(now)
+        now_ms = domain.to_ms(now)
+        grant_id = domain.new_grant_id()
+        # What a replay of the key must match: the same credits and reason.
+        fingerprint = hashlib.sha256(f"{credits}\n{reason}".encode()).hexdigest()[:16]
+        k = period_keys(coach_id, info.text)
+        keys: tuple[str, ...] = (
+            k.account,
+            k.holds,
+            k.events,
+            allowance_key(coach_id),
+            grants_key(coach_id, info.text),
+        )
+        digest = ""
+        if idempotency_key is not None:
+            keys = (*keys, *idempotency_keys(coach_id))
+            digest = grant_idempotency_digest(principal, idempotency_key)
+        args = (
+            now_ms,
+            grant_id,
+            credits,
+            reason,
+            fingerprint,
+            self.allowance,
+            info.keys_expire_ms,
+            IDEMPOTENCY_TTL_SECONDS * 1000,
+            info.text,
+            self.release_batch,
+            self.events_max,
+            MAX_GRANTS_PER_PERIOD,
+            digest,
+            ms_after(info.start_ms, now_ms),
+        )
+        reply = await self._run(self._command("grant", keys, args), "grant")
+        match reply.status:
+            case "OK" | "REPLAY":
+                return self._grant(coach_id, info.period, reply.extra, reply), reply.status == "OK"
+            case "REPLAY_ELSEWHERE":
+                # A second call, for the earlier period's grants: only a replay that
+                # crosses a month end pays it.
+                for grant in await self.grants(coach_id, period=Period.parse(reply.extra)):
+                    if grant.grant_id == reply.token:
+                        return grant, False
+                raise RuntimeError("an idempotency record names a grant that is gone")
+            case "IDEM_REUSED":
+                raise IdempotencyKeyReused(
+                    "This Idempotency-Key was already used for a grant with other credits "
+                    "or another reason; use a new key for a different grant."
+                )
+            case "EXCEEDS":
+                raise GrantExceedsRemaining(credits, reply.cost)
+            case "LIMIT":
+                raise GrantLimit(MAX_GRANTS_PER_PERIOD)
+        raise RuntimeError(f"unexpected grant reply {reply.status!r}")
+
+    def _grant(self, coach_id: str, period: Period, row: str, reply: Reply) -> Grant:
+        info = self._info_of(period.year, period.month)
+        grant = decode_grant(row, info.start_ms)
+        return Grant(
+            grant.grant_id,
+            coach_id,
+            period,
+            grant.credits,
+            grant.reason,
+            domain.from_ms(grant.ms),
+            self._usage(coach_id, period, reply),
+        )
+
+    async def grants(self, coach_id: str, *, period: Period | None = None) -> list[Grant]:
+        """The period's grants (the current one's by default), oldest first, each with
+        the period's usage. Reads only."""
+        self.check_coach_id(coach_id)
+        now = self.clock()
+        period = period or Period.containing(now)
+        keys = period_keys(coach_id, period)
+        command = self._command(
+            "get_grants",
+            (keys.account, keys.holds, grants_key(coach_id, period), allowance_key(coach_id)),
+            (domain.to_ms(now), self.allowance),
+        )
+        reply, rows = await self._run_with_rows(command, "get_grants")
+        return [self._grant(coach_id, period, row, reply) for row in rows]
+
     async def usage(self, coach_id: str) -> Usage:
         self.check_coach_id(coach_id)
         now = self.clock()
         info = self._period_info(now)
-        keys = period_keys(coach_id, info.text)
-        command = self._command("get_usage", keys[:2], (domain.to_ms(now),))
-        reply = await self._run(command, "get_usage")
-        return self._usage(coach_id, info.period, reply.used, reply.held)
+        command = self._usage_command(coach_id, info.text, domain.to_ms(now))
+        return self._usage(coach_id, info.period, await self._run(command, "get_usage"))
+
+    def _usage_command(self, coach_id: str, period: str, now_ms: int) -> Command:
+        keys = period_keys(coach_id, period)
+        return self._command(
+            "get_usage",
+            (keys.account, keys.holds, allowance_key(coach_id)),
+            (now_ms, self.allowance),
+        )
 
     async def usage_many(self, coach_ids: Sequence[str]) -> list[Usage]:
         """Counters for many coaches, read side by side (on one server, in one write)."""
@@ -538,9 +773,7 @@ class CreditStore:
         now = self.clock()
         info = self._period_info(now)
         now_ms = domain.to_ms(now)
-        commands = [
-            self._command("get_usage", period_keys(c, info.text)[:2], (now_ms,)) for c in coach_ids
-        ]
+        commands = [self._usage_command(c, info.text, now_ms) for c in coach_ids]
         started = time.perf_counter()
         raw = await self.transport.call_all(commands)
         if any(isinstance(r, redis_errors.NoScriptError) for r in raw):
@@ -554,7 +787,7 @@ class CreditStore:
                 raise r
         self.metrics.observe_latency("usage_many", time.perf_counter() - started)
         return [
-            self._usage(c, info.period, r.used, r.held)
+            self._usage(c, info.period, r)
             for c, r in zip(coach_ids, map(decode_reply, raw), strict=True)
         ]
 
@@ -571,32 +804,37 @@ class CreditStore:
         self.check_coach_id(coach_id)
         now = self.clock()
         period = period or Period.containing(now)
+        k = period_keys(coach_id, period)
         command = self._command(
             "get_events",
-            period_keys(coach_id, period)[:3],
-            (domain.to_ms(now), before or 0, limit),
+            (k.account, k.holds, k.events, allowance_key(coach_id), grants_key(coach_id, period)),
+            (domain.to_ms(now), before or 0, limit, self.allowance),
         )
+        reply, rows = await self._run_with_rows(command, "get_events")
+        triples = rows[1:]
+        start = domain.to_ms(period.starts_at)
+        events = [
+            Event.of(
+                coach_id, period, decode_event(triples[i], triples[i + 1], triples[i + 2], start)
+            )
+            for i in range(0, len(triples), 3)
+        ]
+        return EventPage(
+            events,
+            int(reply.extra) if reply.extra else None,
+            self._usage(coach_id, period, reply),
+            decode_baseline(rows[0]),
+        )
+
+    async def _run_with_rows(self, command: Command, operation: str) -> tuple[Reply, list[Any]]:
+        """A read script that appends rows to its reply: the reply and the rows."""
         started = time.perf_counter()
         try:
             raw = await self.transport.call(*command)
         except redis_errors.NoScriptError:
             raw = await self._run_with_source(command)
-        self.metrics.observe_latency("get_events", time.perf_counter() - started)
-        reply = decode_reply(raw[:REPLY_LENGTH])
-        triples = raw[REPLY_LENGTH + 1 :]
-        start = domain.to_ms(period.starts_at)
-        events = []
-        for i in range(0, len(triples), 3):
-            row = decode_event(triples[i], triples[i + 1], triples[i + 2], start)
-            rid = ReservationId.of(coach_id, period, row.token)
-            at = domain.from_ms(row.ms)
-            events.append(Event(row.seq, at, row.kind, rid, row.feature, row.cost))
-        return EventPage(
-            events,
-            int(reply.extra) if reply.extra else None,
-            self._usage(coach_id, period, reply.used, reply.held),
-            decode_baseline(raw[REPLY_LENGTH]),
-        )
+        self.metrics.observe_latency(operation, time.perf_counter() - started)
+        return decode_reply(raw[:REPLY_LENGTH]), list(raw[REPLY_LENGTH:])
 
     # --- batches -----------------------------------------------------------------------
 

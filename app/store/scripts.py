@@ -31,6 +31,10 @@ SCRIPT_NAMES: Final = (
     "get_reservation",
     "get_usage",
     "get_events",
+    "extend",
+    "set_allowance",
+    "grant",
+    "get_grants",
     "outbox_claim",
     "outbox_finish",
 )

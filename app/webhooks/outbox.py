@@ -63,7 +63,9 @@ class Delivery:
     period: str
     used: int
     held: int
-    allowance: int
+    allowance: int  # the effective allowance: base_allowance + granted
+    base_allowance: int
+    granted: int
     recorded_at: int  # ms
     attempts: int
     status: DeliveryStatus
@@ -84,6 +86,8 @@ class Delivery:
             int(d["used"]),
             int(d["held"]),
             int(d["allowance"]),
+            int(d.get("base_allowance", d["allowance"])),
+            int(d.get("granted", 0)),
             int(d["recorded_at"]),
             int(d["attempts"]),
             d["status"],
@@ -112,8 +116,8 @@ class Outbox:
     def commit_keys(self, coach_id: str) -> OutboxKeys:
         return outbox_keys(coach_slot(coach_id))
 
-    def commit_args(self, allowance: int) -> tuple[Any, ...]:
-        return (allowance, self._urls, self.keep, RETENTION_MS)
+    def commit_args(self) -> tuple[Any, ...]:
+        return (self._urls, self.keep, RETENTION_MS)
 
     def recorded(self, tail: Sequence[Any]) -> None:
         if not tail or text(tail[0]) != "deliveries" or self.on_recorded is None:

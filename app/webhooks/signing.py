@@ -27,7 +27,8 @@ def body(
     coach_id: str,
     period: str,
     recorded_at_ms: int,
-    allowance: int,
+    base_allowance: int,
+    granted: int,
     used: int,
     held: int,
     feature_costs: dict[str, int],
@@ -37,10 +38,11 @@ def body(
     usage = Usage.of(
         coach_id,
         Period.parse(period),
-        allowance=allowance,
+        allowance=base_allowance,
         used=used,
         held=held,
         costs=feature_costs,
+        granted=granted,
     )
     return orjson.dumps(
         {

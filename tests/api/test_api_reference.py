@@ -27,7 +27,7 @@ OPERATIONS = [
     for method, operation in item.items()
 ]
 #: Error classes that only group others: never raised themselves.
-BASES = {errors.CreditsError, errors.ReservationConflict}
+BASES = {errors.CreditsError, errors.Conflict, errors.ReservationConflict}
 PROBLEM_JSON = "application/problem+json"
 OPEN_ROUTES = {"/healthz", "/readyz", "/metrics"}
 
@@ -177,6 +177,7 @@ def test_every_route_that_needs_a_key_says_so_and_names_its_scopes() -> None:
             assert not operation.get("security"), (method, path)
             continue
         assert operation["security"] == [{"bearerAuth": []}], (method, path)
+        # Admin-only routes (a coach's allowance, grants) say just that.
         scopes = r"\*\*Scopes:\*\* ([a-z ]+ \(or admin\)|admin)\.$"
         assert re.search(scopes, operation["description"]), (method, path)
         assert {"401", "403"} <= set(operation["responses"]), (method, path)

@@ -32,6 +32,8 @@ NOW_ENV = "PANEL_TEST_NOW"
 #: What the panel needs: worker (to run actions) and reader (the event log).
 PANEL_KEY = "panel-test-panel-key-0123456789"
 WORKER_KEY = "panel-test-worker-key-0123456789"
+#: For what only an operator does (grants), around the panel.
+ADMIN_KEY = "panel-test-admin-key-0123456789"
 ALLOWANCE = 50
 RESET_LINE = "Resets December 1, 00:00 UTC"
 #: UTC+14: formatting the reset in the browser's zone would read December 1, 14:00.
@@ -95,7 +97,9 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     redis = RedisProcess(workdir).start()
     env = {
         "CREDITS_REDIS_URL": redis.url,
-        "CREDITS_API_KEYS": json.dumps({PANEL_KEY: ["worker", "reader"], WORKER_KEY: ["worker"]}),
+        "CREDITS_API_KEYS": json.dumps(
+            {PANEL_KEY: ["worker", "reader"], WORKER_KEY: ["worker"], ADMIN_KEY: ["admin"]}
+        ),
         # Live updates within a fifth of a second, so the tests wait little for them.
         "CREDITS_STREAM_POLL_SECONDS": "0.2",
         NOW_ENV: NOW.isoformat(),
@@ -694,6 +698,24 @@ def test_button_costs_come_from_the_features_api(page: Page, service: Service) -
 
 
 # --- what the panel reads: effective allowance, the year of the reset, keys --------------
+
+
+@pytest.mark.real_redis
+def test_a_real_grant_shows_in_the_panel(page: Page, service: Service) -> None:
+    coach = "panel-granted-for-real"
+    service.spend(coach, 13)
+    granted = service.client.post(
+        f"/v1/coaches/{coach}/grants",
+        json={"credits": 5, "reason": "goodwill"},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    )
+    assert granted.status_code == 201, granted.text
+
+    open_panel(page, service, coach)
+
+    expect(page.locator("#used-count")).to_have_text("13 of 55")
+    expect(page.locator("#remaining")).to_have_text("42 credits left")
+    expect(page.locator("#usage-bar")).to_have_attribute("aria-valuemax", "55")
 
 
 @pytest.mark.real_redis

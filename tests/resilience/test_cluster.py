@@ -593,7 +593,7 @@ async def settle_events(
     for coach in coaches:
         counts: Counter[str] = Counter()
         for event in await logged_events(store, coach, period):
-            if event.kind in ("committed", "refunded", "expired"):
+            if event.kind in ("committed", "refunded", "expired") and event.reservation_id:
                 counts[event.reservation_id.token] += 1
         out[coach] = counts
     return out

@@ -70,7 +70,7 @@ async def settle_events(redis: Redis, coach_id: str) -> Counter[str]:
     reader = CreditStore(redis, clock=FrozenClock(NOW))
     counts: Counter[str] = Counter()
     for event in await logged_events(reader, coach_id, Period.containing(NOW)):
-        if event.kind in ("committed", "refunded", "expired"):
+        if event.kind in ("committed", "refunded", "expired") and event.reservation_id:
             counts[event.reservation_id.token] += 1
     return counts
 

@@ -29,6 +29,7 @@ async def test_no_seed_breaks_an_invariant(tmp_path: Path) -> None:
     steps = [s for r in results for s in r.steps]
     kinds = ["restart", "kill+start", "fault=pause-long", "fault=flush-during", "drop="]
     kinds += ["fault=kill-during", "reserve_many", "settle_many", "clock year-end"]
+    kinds += ["grant c", "extend res", "allowance c"]
     for kind in kinds:
         assert any(kind in s for s in steps), kind
     unknown = sum(r.unknown for r in results)
@@ -55,6 +56,26 @@ async def test_harness_catches_a_double_hold(tmp_path: Path) -> None:
     assert found, [r.steps for r in results]
     # Caught as what it is, not as a side effect of something else breaking.
     assert any("held again" in v or "records" in v or "2 holds" in v for v in found), found
+
+
+class ForgetfulGrants(CreditStore):
+    """A planted bug: a grant's Idempotency-Key is not passed on, so a retried grant
+    grants again."""
+
+    async def grant(self, *args: object, **kwargs: object) -> tuple[object, bool]:  # type: ignore[override]
+        kwargs["idempotency_key"] = None
+        return await super().grant(*args, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_harness_catches_a_double_grant(tmp_path: Path) -> None:
+    def factory(redis: AnyRedis, clock: FrozenClock) -> CreditStore:
+        return ForgetfulGrants(redis, clock=clock, op_timeout_seconds=SOCKET_TIMEOUT * 2.5)
+
+    results = await run_seeds(
+        range(10), workdir=tmp_path, store_factory=factory, timing_faults=False
+    )
+    found = [r.violation for r in results if r.violation]
+    assert any("granted again" in v or "usage of" in v for v in found), found
 
 
 async def test_a_seed_replays_the_same_steps(tmp_path: Path) -> None:

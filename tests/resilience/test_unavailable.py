@@ -75,6 +75,11 @@ def store_routes(rid: str) -> dict[str, tuple[str, str, Any]]:
             "/v1/reservations/settle",
             {"settlements": [{"reservation_id": rid, "action": "commit"}]},
         ),
+        "extend": ("POST", f"/v1/reservations/{rid}/extend", {"ttl_seconds": 60}),
+        "set allowance": ("PUT", f"/v1/coaches/{COACH}/allowance", {"monthly_allowance": 60}),
+        "delete allowance": ("DELETE", f"/v1/coaches/{COACH}/allowance", None),
+        "grant": ("POST", f"/v1/coaches/{COACH}/grants", {"credits": 1, "reason": "retry"}),
+        "list grants": ("GET", f"/v1/coaches/{COACH}/grants", None),
     }
 
 

@@ -98,8 +98,9 @@ async def test_everything_at_its_largest_stays_within_512_kib(
     redis: Redis, clock: FrozenClock
 ) -> None:
     """The largest configuration and the most a coach can keep at once: 1,000 live holds,
-    every settled and idempotency generation full, a full event log, the longest coach
-    id, feature names and Idempotency-Keys, costs of six digits."""
+    every settled and idempotency generation full, a full event log, the period's 100
+    grants with the longest reasons (200 four-byte characters), the longest coach id,
+    feature names and Idempotency-Keys, costs of six digits."""
     long_a, long_b = "a" * 63 + "1", "b" * 63 + "2"
     coach = "c" * 128
     store = store_on(
@@ -111,6 +112,12 @@ async def test_everything_at_its_largest_stays_within_512_kib(
     )
     made = 0
     largest = 0
+    await store.set_allowance(coach, 10**6)
+    await store.set_allowance(coach, None)
+    for i in range(100):
+        key = f"grant-{i}-".ljust(255, "g")
+        await store.grant(coach, 10**6, f"{i}|".ljust(200, "\U0001f600"), idempotency_key=key)
+    largest = await total_bytes(redis, coach)
 
     async def batch(n: int, settle: bool) -> list[Reservation]:
         nonlocal made, largest
@@ -303,6 +310,8 @@ async def test_too_many_holds_over_http(redis: Redis, clock: FrozenClock) -> Non
             assert r.status_code == 429
             assert r.headers["content-type"] == "application/problem+json"
             assert r.headers["Retry-After"] == "100"
+            # Holds alone block: the quota fields' `t` is Retry-After.
+            assert r.headers["RateLimit"] == f'"monthly";r={10**6 - 1000};t=100'
             problem = r.json()
             assert problem["code"] == "too_many_holds"
             assert problem["status"] == 429
@@ -321,7 +330,7 @@ async def test_too_many_holds_over_http(redis: Redis, clock: FrozenClock) -> Non
 
 actions = st.lists(
     st.tuples(
-        st.sampled_from(["reserve", "commit", "refund", "wait"]),
+        st.sampled_from(["reserve", "commit", "refund", "wait", "extend", "grant", "allowance"]),
         st.integers(0, 10**6),
     ),
     min_size=1,
@@ -350,6 +359,14 @@ async def test_trimmed_events_replayed_on_the_baseline_give_the_counters(
             issued.append(str(made.reservation_id))
         elif action == "wait":
             clock.advance(pick % 150)
+        elif action == "extend":
+            with contextlib.suppress(CreditsError):
+                await store.extend(issued[pick % len(issued)], 1 + pick % 120)
+        elif action == "grant":
+            with contextlib.suppress(CreditsError):
+                await store.grant(COACH, pick % 7 - 3 or 1, f"r|{pick}")
+        elif action == "allowance":
+            await store.set_allowance(COACH, None if pick % 2 else pick % 30)
         else:
             with contextlib.suppress(CreditsError):
                 await (store.commit if action == "commit" else store.refund)(
@@ -360,15 +377,17 @@ async def test_trimmed_events_replayed_on_the_baseline_give_the_counters(
         assert [e.seq for e in page.events] == list(
             range(page.events[0].seq, page.events[0].seq - len(page.events), -1)
         )
-        used, held = page.baseline.used, page.baseline.held
+        used, held, granted = page.baseline
         for event in reversed(page.events):
             if event.kind == "held":
                 held += event.cost
-            else:
+            elif event.kind == "granted":
+                granted += event.credits
+            elif event.kind in ("committed", "refunded", "expired"):
                 held -= event.cost
                 used += event.cost if event.kind == "committed" else 0
-        raw = await redis.hmget(period_keys(COACH, NOV).account, ["used", "held"])
-        assert (used, held) == (int(raw[0] or 0), int(raw[1] or 0))
+        raw = await redis.hmget(period_keys(COACH, NOV).account, ["used", "held", "granted"])
+        assert (used, held, granted) == tuple(int(v or 0) for v in raw)
 
 
 # --- month ends ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from app.store import (
     idempotency_keys,
     period_keys,
 )
+from app.store.keys import allowance_key, grant_idempotency_digest, grants_key
 from tests.support.clock import FrozenClock
 
 #: The whole contract charset and length range for coach ids.
@@ -36,15 +37,21 @@ caller_keys = st.text(
 )
 principals = st.text(min_size=0, max_size=64)
 
-#: What may follow the hash tag: a period key or an idempotency generation, nothing else
-#: (a caller's Idempotency-Key is hashed into a field name, never into a key name).
+#: What may follow the hash tag: a period key, an idempotency generation or the coach's
+#: own allowance, nothing else (a caller's Idempotency-Key is hashed into a field name,
+#: never into a key name).
 SUFFIX: Final = re.compile(
-    r":(?:[0-9]{4}-[0-9]{2}:(?:account|holds|events|settled:[0-2])|idem:[0-2])"
+    r":(?:[0-9]{4}-[0-9]{2}:(?:account|holds|events|grants|settled:[0-2])|idem:[0-2]|allowance)"
 )
 
 
 def names_for(coach_id: str, period: Period) -> set[str]:
-    return {*period_keys(coach_id, period), *idempotency_keys(coach_id)}
+    return {
+        *period_keys(coach_id, period),
+        grants_key(coach_id, period),
+        *idempotency_keys(coach_id),
+        allowance_key(coach_id),
+    }
 
 
 def assert_well_formed(name: str, coach_id: str) -> None:
@@ -88,8 +95,9 @@ def test_no_two_coaches_or_months_share_a_key(
     b = names_for(coach_b, period_b)
     if coach_a == coach_b:
         # One coach: only the idempotency records are shared across months, by design (a
-        # replay after midnight finds the earlier reservation).
-        assert a & b == set(idempotency_keys(coach_a))
+        # replay after midnight finds the earlier reservation or grant), and the coach's
+        # own allowance, which holds every month.
+        assert a & b == {*idempotency_keys(coach_a), allowance_key(coach_a)}
     else:
         assert not a & b
 
@@ -102,6 +110,11 @@ def test_idempotency_keys_are_scoped_to_principal_and_key(
 ) -> None:
     assume((principal_a, key_a) != (principal_b, key_b))
     assert idempotency_digest(principal_a, key_a) != idempotency_digest(principal_b, key_b)
+    assert grant_idempotency_digest(principal_a, key_a) != grant_idempotency_digest(
+        principal_b, key_b
+    )
+    # A reserve's record and a grant's never meet, even for the same key.
+    assert idempotency_digest(principal_a, key_a) != grant_idempotency_digest(principal_a, key_a)
 
 
 # --- a real store on fakeredis -------------------------------------------------------
@@ -120,12 +133,18 @@ async def drive(coach_ids: list[str], keys: list[str]) -> list[str]:
                 )
                 rid = str(reservation.reservation_id)
                 await (store.commit(rid) if i % 2 else store.refund(rid))
+                await store.extend(
+                    str((await store.reserve(coach_id, "checkin_draft"))[0].reservation_id), 60
+                )
                 await store.get_reservation(rid)
+                await store.grant(coach_id, 1, "r", idempotency_key=key, principal=f"p{{{i}}} :x")
             await store.reserve(coach_id, "trend_analysis", ttl_seconds=1)
             clock.advance(minutes=2)  # into December: a second period's keys
             await store.reserve(coach_id, "trend_analysis")
             await store.usage(coach_id)
+            await store.grants(coach_id)
             clock.advance(minutes=-2)
+            await store.set_allowance(coach_id, 70)
         await store.usage_many(coach_ids)
         return [k async for k in redis.scan_iter(count=1000)]
     finally:
@@ -150,7 +169,8 @@ def test_a_real_store_writes_only_tagged_keys(coach_ids: list[str], keys: list[s
         assert_well_formed(name, owner)
         owners.setdefault(owner, []).append(name)
     for coach_id in coach_ids:
-        # Two periods (November and December), three keys each, plus the first
-        # generation of idempotency records: nothing else is stored for a coach this
-        # small (settled records move out of the account only past 100).
-        assert len(owners[coach_id]) == 6 + 1, owners[coach_id]
+        # Two periods (November and December), three keys each, November's grants, the
+        # first generation of idempotency records (a reserve's and a grant's share it)
+        # and the coach's own allowance: nothing else is stored for a coach this small
+        # (settled records move out of the account only past 100).
+        assert len(owners[coach_id]) == 6 + 1 + 1 + 1, owners[coach_id]

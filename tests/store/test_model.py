@@ -2,7 +2,9 @@
 model side by side, on fakeredis (many examples) and on a real Redis (fewer).
 
 After every step the store's counters, each reservation's state and the allowance
-invariant are compared with ``tests.support.reference.Ledger``. The clock moves in small steps,
+invariant are compared with ``tests.support.reference.Ledger``. Coaches' own allowances
+are set and deleted, grants (positive and negative, some with an Idempotency-Key) made
+and holds extended along the way. The clock moves in small steps,
 past expiries and across month ends (December to January included), so periods,
 lapsed holds and replays across periods are all exercised.
 """
@@ -28,10 +30,13 @@ from hypothesis.stateful import (
 )
 from redis.asyncio import Redis
 
-from app.domain import Period, Reservation, ReservationId, Status, from_ms
+from app.domain import Grant, Period, Reservation, ReservationId, Status, Usage, from_ms
 from app.errors import (
     CreditsError,
     CreditsExhausted,
+    ExtensionLimit,
+    GrantExceedsRemaining,
+    GrantLimit,
     IdempotencyKeyReused,
     ReservationCommitted,
     ReservationExpired,
@@ -43,7 +48,16 @@ from app.store import AnyRedis, CreditStore, ReserveItem, SettleAction, period_k
 from tests.support.clock import FrozenClock
 from tests.support.ledger_view import stored_records
 from tests.support.redis import RedisProcess
-from tests.support.reference import Decision, Kind, Ledger, RefReservation, Settle
+from tests.support.reference import (
+    Counters,
+    Decision,
+    GrantKind,
+    Kind,
+    Ledger,
+    RefGrant,
+    RefReservation,
+    Settle,
+)
 
 T = TypeVar("T")
 
@@ -74,6 +88,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.store = CreditStore(self.redis, allowance=ALLOWANCE, clock=self.clock)
         self.model = Ledger(allowance=ALLOWANCE)
         self.last_reserve: tuple[str, str, int, str | None, str] | None = None
+        self.last_grant: tuple[str, int, str, str | None, str] | None = None
 
     def run(self, coro: Awaitable[T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -88,6 +103,7 @@ class LedgerMachine(RuleBasedStateMachine):
         want = self.model.counters(res.reservation_id.coach_id, period, self.clock())
         assert res.reservation_id.period == period
         assert (res.usage.used, res.usage.held) == (want.used, want.held), (res, want)
+        same_allowance(res.usage, want)
 
     def check_same(self, res: Reservation, ref: RefReservation) -> None:
         assert str(res.reservation_id) == ref.rid
@@ -122,6 +138,7 @@ class LedgerMachine(RuleBasedStateMachine):
             assert decision.kind is Kind.EXHAUSTED, decision
             assert decision.counters is not None
             assert outcome.remaining == decision.counters.remaining
+            assert outcome.allowance == decision.counters.allowance
             assert outcome.remaining < outcome.cost == decision.cost
             return []
         if isinstance(outcome, IdempotencyKeyReused):
@@ -277,6 +294,140 @@ class LedgerMachine(RuleBasedStateMachine):
             want = self.model.usage(u.coach_id, self.clock())
             assert (u.used, u.held) == (want.used, want.held)
 
+    @rule(pick=st.integers(0, 1000), ttl=st.one_of(st.integers(1, 120), st.integers(1, 3600)))
+    def extend_live(self, pick: int, ttl: int) -> None:
+        """A hold still live, most of the time: a random one has often lapsed."""
+        now = self.clock()
+        live = [r.rid for r in self.model.reservations.values() if r.live_at(now)]
+        if live:
+            self.extend(live[pick % len(live)], ttl)
+
+    @rule(
+        target=reservations,
+        coach=st.sampled_from(COACHES),
+        before=st.integers(1, 300),
+        after=st.integers(0, 3700),
+        ttl=st.integers(1, 3600),
+    )
+    def extend_into_next_month(self, coach: str, before: int, after: int, ttl: int) -> Any:
+        """A hold made just before a month ends, extended after it: near the limit of an
+        hour past the end of its month."""
+        end = Period.containing(self.clock()).resets_at
+        self.clock.set(end - timedelta(seconds=before))
+        made = self.do_reserve(coach, "checkin_draft", 3600, None, "")
+        self.clock.set(end + timedelta(seconds=after))
+        if made:
+            self.extend(made[0], ttl)
+        return multiple(*made)
+
+    @rule(rid=reservations, ttl=st.one_of(st.integers(1, 120), st.integers(1, 3600)))
+    def extend(self, rid: str, ttl: int) -> None:
+        try:
+            outcome: Reservation | CreditsError = self.run(self.store.extend(rid, ttl))
+        except CreditsError as exc:
+            outcome = exc
+        expected = self.model.extend(rid, self.clock(), ttl)
+        ref = self.model.get(rid)
+        assert ref is not None
+        errors = {
+            Settle.COMMITTED: ReservationCommitted,
+            Settle.REFUNDED: ReservationRefunded,
+            Settle.EXPIRED: ReservationExpired,
+            Settle.LIMIT: ExtensionLimit,
+        }
+        if expected in errors:
+            assert isinstance(outcome, errors[expected]), (expected, outcome)
+            return
+        assert isinstance(outcome, Reservation), (expected, outcome)
+        assert outcome.status is Status.HELD
+        self.check_same(outcome, ref)
+
+    @rule(
+        coach=st.sampled_from(COACHES),
+        value=st.none() | st.sampled_from([0, 3, 10, 50, 80]),
+    )
+    def set_allowance(self, coach: str, value: int | None) -> None:
+        got = self.run(self.store.set_allowance(coach, value))
+        self.model.set_allowance(coach, value)
+        want = self.model.usage(coach, self.clock())
+        assert (got.used, got.held) == (want.used, want.held)
+        same_allowance(got, want)
+
+    @rule(
+        coach=st.sampled_from(COACHES),
+        credits=st.sampled_from([-60, -20, -3, -1, 1, 2, 5, 30]),
+        reason=st.sampled_from(["goodwill", "a | b"]),
+        key=st.none() | st.sampled_from(KEYS),
+        principal=st.sampled_from(PRINCIPALS),
+    )
+    def grant(self, coach: str, credits: int, reason: str, key: str | None, principal: str) -> None:
+        self.last_grant = (coach, credits, reason, key, principal)
+        now = self.clock()
+        decision = self.model.grant(
+            coach, credits, reason, now, idempotency_key=key, principal=principal
+        )
+        try:
+            outcome: tuple[Grant, bool] | CreditsError = self.run(
+                self.store.grant(coach, credits, reason, idempotency_key=key, principal=principal)
+            )
+        except CreditsError as exc:
+            outcome = exc
+        errors = {
+            GrantKind.REUSED: IdempotencyKeyReused,
+            GrantKind.EXCEEDS: GrantExceedsRemaining,
+            GrantKind.LIMIT: GrantLimit,
+        }
+        if decision.kind in errors:
+            assert isinstance(outcome, errors[decision.kind]), (decision, outcome)
+            if decision.kind is GrantKind.EXCEEDS:
+                assert isinstance(outcome, GrantExceedsRemaining)
+                assert outcome.remaining == decision.remaining
+            return
+        assert isinstance(outcome, tuple), (decision, outcome)
+        made, created = outcome
+        if decision.kind is GrantKind.GRANTED:
+            assert created
+            ref = self.model.bind_grant(decision, made.grant_id)
+        else:
+            assert not created
+            assert decision.earlier is not None
+            ref = decision.earlier
+        self.check_grant(made, ref)
+
+    @rule(other_reason=st.booleans())
+    def retry_grant(self, other_reason: bool) -> None:
+        """The same grant again (a retry: with a key it must replay), or with its key
+        and another reason."""
+        if self.last_grant is not None:
+            coach, credits, reason, key, principal = self.last_grant
+            self.grant(coach, credits, "other" if other_reason else reason, key, principal)
+
+    def check_grant(self, got: Grant, ref: RefGrant) -> None:
+        assert (got.grant_id, got.coach_id, got.period) == (ref.grant_id, ref.coach_id, ref.period)
+        assert (got.credits, got.reason, got.granted_at) == (
+            ref.credits,
+            ref.reason,
+            ref.granted_at,
+        )
+        want = self.model.counters(ref.coach_id, ref.period, self.clock())
+        assert (got.usage.used, got.usage.held) == (want.used, want.held)
+        same_allowance(got.usage, want)
+
+    @rule(coach=st.sampled_from(COACHES), earlier=st.booleans())
+    def list_grants(self, coach: str, earlier: bool) -> None:
+        period = Period.containing(self.clock())
+        if earlier:
+            period = (
+                Period(period.year - 1, 12)
+                if period.month == 1
+                else Period(period.year, period.month - 1)
+            )
+        got = self.run(self.store.grants(coach, period=period))
+        want = self.model.grants.get((coach, period), [])
+        assert [g.grant_id for g in got] == [g.grant_id for g in want]
+        for g, ref in zip(got, want, strict=True):
+            self.check_grant(g, ref)
+
     @rule(seconds=st.integers(0, 90))
     def tick(self, seconds: int) -> None:
         self.clock.advance(seconds)
@@ -321,6 +472,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 u,
                 want,
             )
+            same_allowance(u, want)
         for coach, period in self.model.periods():
             self.check_period(coach, period, now)
 
@@ -334,7 +486,10 @@ class LedgerMachine(RuleBasedStateMachine):
         want = self.model.counters(coach, period, now)
         assert used == want.used
         assert held >= want.held
-        assert used + held <= ALLOWANCE
+        assert int(raw.get("granted", 0)) == want.granted
+        # Within the highest allowance any of its holds was made under: a lowered one
+        # takes nothing back.
+        assert used + held <= self.model.high.get((coach, period), 0)
         records = self.run(stored_records(self.redis, coach, period))
         mine = self.model.by_period[(coach, period)]
         assert len(records) == len(mine)
@@ -351,6 +506,14 @@ class LedgerMachine(RuleBasedStateMachine):
                 ref.feature,
                 ref.expires_at,
             )
+
+
+def same_allowance(got: Usage, want: Counters) -> None:
+    assert (got.allowance, got.base_allowance, got.granted) == (
+        want.allowance,
+        want.base_allowance,
+        want.granted,
+    ), (got, want)
 
 
 def _text(value: bytes | str) -> str:

@@ -2,10 +2,11 @@
 model after every step.
 
 Per seed, ``random.Random(seed)`` drives a sequence of steps over a handful of coaches:
-batches of reserve / commit / refund / read requests and of the batch calls
-reserve_many / settle_many (the requests of one batch touch distinct coaches and run
-concurrently), retries of earlier requests (same
-Idempotency-Key, same reservation id), clock moves (small ticks, past expiries, onto
+batches of reserve / commit / refund / extend / read requests, of the batch calls
+reserve_many / settle_many, of grants (each with an Idempotency-Key, as a careful
+operator sends them) and of coaches' allowances set and deleted (the requests of one
+batch touch distinct coaches and run concurrently), retries of earlier requests (same
+Idempotency-Key, same reservation id, same allowance), clock moves (small ticks, past expiries, onto
 month and year ends) and faults:
 
 - ``flush``: SCRIPT FLUSH before a batch or while it runs;
@@ -27,9 +28,11 @@ hold may have appeared, and only if the model says it fitted.
 
 After every step the harness checks, against :class:`tests.support.reference.Ledger`:
 used + held <= allowance per coach and period (the raw stored counters, which may still
-include lapsed holds), used equal to the committed credits, every reservation record in
-the state the model expects, every reservation settled at most once (from the event
-log), and what the store reports for usage.
+include lapsed holds; the highest allowance any hold was made under, as a lowered one
+takes nothing back), used equal to the committed credits and granted to the grants,
+every reservation record in the state the model expects, every reservation settled at
+most once and the granted events adding up to granted (from the event log), and what the
+store reports for usage.
 
 Run on demand::
 
@@ -66,11 +69,14 @@ from typing import Any, Final
 from redis.asyncio import Redis
 
 from app.config import Settings
-from app.domain import Period, Reservation, ReservationId, Status, Usage, from_ms, to_ms
+from app.domain import Grant, Period, Reservation, ReservationId, Status, Usage, from_ms, to_ms
 from app.errors import (
     BackendUnavailable,
     CreditsError,
     CreditsExhausted,
+    ExtensionLimit,
+    GrantExceedsRemaining,
+    GrantLimit,
     IdempotencyKeyReused,
     ReservationCommitted,
     ReservationExpired,
@@ -82,13 +88,23 @@ from app.store import AnyRedis, CreditStore, ReserveItem, SettleAction, period_k
 from tests.support.clock import FrozenClock
 from tests.support.ledger_view import logged_events, stored_records
 from tests.support.redis import RedisProcess
-from tests.support.reference import Decision, Kind, Ledger, RefReservation, Settle
+from tests.support.reference import (
+    Decision,
+    GrantDecision,
+    GrantKind,
+    Kind,
+    Ledger,
+    RefReservation,
+    Settle,
+)
 
 ALLOWANCE: Final = 50
 FEATURES: Final = ("checkin_draft", "trend_analysis")
 TTLS: Final = (2, 30, 60, 300, 3600)
 PRINCIPALS: Final = ("", "svc-b")
 SETTLE_ACTIONS: Final[tuple[SettleAction, ...]] = ("commit", "refund")
+ALLOWANCES: Final = (None, 0, 5, 20, 50, 80)
+GRANT_CREDITS: Final = (-30, -5, -1, 1, 3, 10)
 #: The client's socket timeout; the long pause outlasts it, the short one does not.
 SOCKET_TIMEOUT: Final = 0.15
 SHORT_PAUSE_MS: Final = 50
@@ -128,7 +144,7 @@ UNKNOWN: Final = _Unknown()
 
 @dataclass(frozen=True)
 class Request:
-    op: str  # reserve, commit, refund, get, usage, usage_many
+    op: str  # reserve, commit, refund, extend, get, usage, usage_many, grant, allowance
     coach: str
     feature: str = ""
     ttl: int = 0
@@ -140,6 +156,10 @@ class Request:
     reserves: tuple[tuple[str, int, str], ...] = ()
     #: For settle_many: (reservation id, "commit" or "refund") per item.
     settles: tuple[tuple[str, SettleAction], ...] = ()
+    #: For grant: the credits and the reason; for allowance: the value (None deletes).
+    credits: int = 0
+    reason: str = ""
+    allowance: int | None = None
     #: None: delivered; "before": lost on the way; "after": applied, reply lost.
     drop: str | None = None
 
@@ -150,6 +170,13 @@ class Request:
             parts.append(f"principal={self.principal or '-'}")
         elif self.op in ("commit", "refund", "get"):
             parts.append(names.get(self.rid, "res?"))
+        elif self.op == "extend":
+            parts += [names.get(self.rid, "res?"), f"ttl={self.ttl}"]
+        elif self.op == "grant":
+            parts += [self.coach, f"{self.credits:+d}", f"key={self.key}"]
+            parts.append(f"principal={self.principal or '-'}")
+        elif self.op == "allowance":
+            parts += [self.coach, str(self.allowance)]
         elif self.op == "usage":
             parts.append(self.coach)
         elif self.op == "reserve_many":
@@ -344,8 +371,22 @@ class SeedRun:
                 for _ in range(self.rng.randint(1, 4))
             )
             return Request("settle_many", coach, settles=settles, drop=drop)
+        if roll < 0.66:
+            return Request(
+                "grant",
+                coach,
+                credits=self.rng.choice(GRANT_CREDITS),
+                reason=self.rng.choice(["goodwill", "a | b"]),
+                key=f"g{self.rng.randrange(4)}",
+                principal=self.rng.choice(PRINCIPALS),
+                drop=drop,
+            )
+        if roll < 0.68:
+            return Request("allowance", coach, allowance=self.rng.choice(ALLOWANCES), drop=drop)
         rid = self.rng.choice(mine).rid
-        if roll < 0.76:
+        if roll < 0.72:
+            return Request("extend", coach, rid=rid, ttl=self.rng.choice(TTLS), drop=drop)
+        if roll < 0.80:
             return Request("commit", coach, rid=rid, drop=drop)
         if roll < 0.88:
             return Request("refund", coach, rid=rid, drop=drop)
@@ -411,6 +452,18 @@ class SeedRun:
                 )
             case "commit":
                 return await s.commit(request.rid)
+            case "extend":
+                return await s.extend(request.rid, request.ttl)
+            case "grant":
+                return await s.grant(
+                    request.coach,
+                    request.credits,
+                    request.reason,
+                    idempotency_key=request.key,
+                    principal=request.principal,
+                )
+            case "allowance":
+                return await s.set_allowance(request.coach, request.allowance)
             case "refund":
                 return await s.refund(request.rid)
             case "get":
@@ -460,10 +513,30 @@ class SeedRun:
                 result = await self.definite(request)
             self.check_reserve(request, decision, result, may_have_applied=ambiguous)
             return
+        if request.op == "grant":
+            grant = self.model.grant(
+                request.coach,
+                request.credits,
+                request.reason,
+                now,
+                idempotency_key=request.key,
+                principal=request.principal,
+            )
+            if ambiguous:
+                result = await self.definite(request)
+            self.check_grant(request, grant, result, may_have_applied=ambiguous)
+            return
         if ambiguous:
             result = await self.definite(request)
         if request.op in ("commit", "refund"):
             self.check_settle(request.op, request.rid, result)
+        elif request.op == "extend":
+            self.check_extend(request, result)
+        elif request.op == "allowance":
+            # Setting a value is idempotent: a retry of one already applied changes nothing.
+            self.model.set_allowance(request.coach, request.allowance)
+            check(isinstance(result, Usage), f"allowance: got {result!r}")
+            self.check_usage(result)
         elif request.op == "reserve_many":
             check(
                 isinstance(result, list) and len(result) == len(request.reserves),
@@ -521,6 +594,59 @@ class SeedRun:
             return
         check(isinstance(result, Reservation), f"{op} {name}: want ok, got {result!r}")
         self.check_reservation(result, ref, snapshot=snapshot)
+
+    def check_extend(self, request: Request, result: Any) -> None:
+        # Retried after an unknown fate, an extension moves the expiry to the same
+        # instant again (the clock stands still): applied once or twice, one outcome.
+        outcome = self.model.extend(request.rid, self.clock(), request.ttl)
+        ref = self.model.get(request.rid)
+        check(ref is not None, "extending a reservation the model never saw")
+        assert ref is not None
+        name = self.names[ref.rid]
+        expected_error = {
+            Settle.REFUNDED: ReservationRefunded,
+            Settle.EXPIRED: ReservationExpired,
+            Settle.COMMITTED: ReservationCommitted,
+            Settle.LIMIT: ExtensionLimit,
+        }.get(outcome)
+        if expected_error is not None:
+            check(
+                isinstance(result, expected_error), f"extend {name}: want {outcome}, got {result!r}"
+            )
+            return
+        check(isinstance(result, Reservation), f"extend {name}: want ok, got {result!r}")
+        self.check_reservation(result, ref)
+
+    def check_grant(
+        self, request: Request, decision: GrantDecision, result: Any, *, may_have_applied: bool
+    ) -> None:
+        what = f"grant {request.coach} {request.credits:+d} key={request.key}"
+        errors = {
+            GrantKind.REUSED: IdempotencyKeyReused,
+            GrantKind.EXCEEDS: GrantExceedsRemaining,
+            GrantKind.LIMIT: GrantLimit,
+        }
+        if decision.kind in errors:
+            want = errors[decision.kind]
+            check(isinstance(result, want), f"{what}: want {decision.kind}, got {result!r}")
+            return
+        check(isinstance(result, tuple), f"{what}: want a grant, got {result!r}")
+        made, created = result
+        check(isinstance(made, Grant), f"{what}: want a grant, got {made!r}")
+        if decision.kind is GrantKind.REPLAY:
+            check(not created, f"{what}: a replay granted again")
+            assert decision.earlier is not None
+            check(made.grant_id == decision.earlier.grant_id, f"{what}: another grant replayed")
+            return
+        # Granted now, or (the first attempt's fate unknown) by that attempt and replayed.
+        check(created or may_have_applied, f"{what}: replayed a grant nobody made")
+        self.result.unknown_applied += not created
+        self.model.bind_grant(decision, made.grant_id)
+        check(
+            (made.credits, made.reason, made.period)
+            == (request.credits, request.reason, decision.period),
+            f"{what}: the grant differs from the request",
+        )
 
     def check_reserve(
         self,
@@ -628,11 +754,9 @@ class SeedRun:
 
     def check_usage(self, usage: Usage) -> None:
         want = self.model.usage(usage.coach_id, self.clock())
-        got = (usage.used, usage.held, usage.remaining)
-        check(
-            got == (want.used, want.held, want.remaining),
-            f"usage of {usage.coach_id}: {got} != {(want.used, want.held, want.remaining)}",
-        )
+        got = (usage.used, usage.held, usage.remaining, usage.base_allowance, usage.granted)
+        expected = (want.used, want.held, want.remaining, want.base_allowance, want.granted)
+        check(got == expected, f"usage of {usage.coach_id}: {got} != {expected}")
 
     # --- the audit after every step ------------------------------------------------------
 
@@ -654,10 +778,15 @@ class SeedRun:
         keys = period_keys(coach, period)
         raw = await self.hash_of(keys.account)
         used, held = int(raw.get("used", 0)), int(raw.get("held", 0))
+        granted = int(raw.get("granted", 0))
         where = f"{coach} {period}"
         want = self.model.counters(coach, period, now)
-        check(used + held <= ALLOWANCE, f"{where}: used {used} + held {held} > {ALLOWANCE}")
+        # A lowered allowance takes nothing back: the bound is the highest allowance any
+        # hold was made under.
+        high = self.model.high.get((coach, period), 0)
+        check(used + held <= high, f"{where}: used {used} + held {held} > {high}")
         check(used == want.used, f"{where}: used {used} != {want.used}")
+        check(granted == want.granted, f"{where}: granted {granted} != {want.granted}")
         # Lapsed holds nobody swept yet still count in the stored figure, never fewer.
         check(held >= want.held, f"{where}: held {held} < live {want.held}")
         records = await stored_records(self.admin, coach, period)
@@ -680,15 +809,21 @@ class SeedRun:
         settled: Counter[str] = Counter()
         held_events: Counter[str] = Counter()
         reader = CreditStore(self.admin, clock=self.clock)
+        # Events trimmed off the log live on in its baseline.
+        logged_grants = (await reader.events(coach, period=period, limit=1)).baseline.granted
         for event in await logged_events(reader, coach, period):
-            kind, token = event.kind, event.reservation_id.token
+            kind = event.kind
+            token = event.reservation_id.token if event.reservation_id else ""
             if kind == "held":
                 held_events[token] += 1
             elif kind in ("committed", "refunded", "expired"):
                 settled[token] += 1
+            elif kind == "granted":
+                logged_grants += event.credits
         twice = [t for t, n in settled.items() if n > 1]
         check(not twice, f"{where}: settled more than once: {twice}")
         check(set(held_events.values()) <= {1}, f"{where}: a hold was made twice: {held_events}")
+        check(logged_grants == granted, f"{where}: granted events {logged_grants} != {granted}")
 
 
 def _text(value: bytes | str) -> str:

@@ -1,16 +1,19 @@
 """A plain-Python reference model of the credit ledger.
 
 It knows nothing of Redis: it keeps, per coach and period, the reservations with their
-state and expiry, and derives ``used`` and ``held`` from them, so the store's counters
-can be checked against a ledger that is correct by construction. Idempotency records
-are keyed by (principal, coach, key) and live as the service promises: 24 hours, or
-until 1,000 newer ones exist for the coach. A coach holds at most 1,000 live
-reservations a period. (The service keeps at least the 1,000 newest settled records of a
-period; the model keeps them all, so tests that drop records do not use it.)
+state and expiry and the grants, and per coach its own monthly allowance, and derives
+``used``, ``held`` and the effective allowance from them, so the store's counters can be
+checked against a ledger that is correct by construction. Idempotency records (a
+reserve's and a grant's alike) are keyed by (principal, coach, key) and live as the
+service promises: 24 hours, or until 1,000 newer ones exist for the coach. A coach holds
+at most 1,000 live reservations a period. (The service keeps at least the 1,000 newest
+settled records of a period; the model keeps them all, so tests that drop records do not
+use it.)
 
-Reservation ids are minted by the store (they hold random bits), so a new hold is a
-two-step affair: :meth:`Ledger.reserve` decides what must happen, and when that is a new
-hold the caller hands the store's id to :meth:`Ledger.bind`.
+Reservation and grant ids are minted by the store (they hold random bits), so a new hold
+is a two-step affair: :meth:`Ledger.reserve` decides what must happen, and when that is
+a new hold the caller hands the store's id to :meth:`Ledger.bind` (grants likewise,
+:meth:`Ledger.grant` and :meth:`Ledger.bind_grant`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from app.domain import IDEMPOTENCY_TTL_SECONDS, Period, ReservationId, Status, remaining
+from app.domain import (
+    IDEMPOTENCY_TTL_SECONDS,
+    MAX_GRANTS_PER_PERIOD,
+    Period,
+    ReservationId,
+    Status,
+    effective_allowance,
+    remaining,
+)
 
 DEFAULT_COSTS = {"checkin_draft": 1, "trend_analysis": 3}
 #: Live holds a coach may have in a period, and idempotency records kept per coach.
@@ -39,13 +50,48 @@ class Kind(StrEnum):
 
 
 class Settle(StrEnum):
-    """What a commit or refund must come to."""
+    """What a commit, refund or extend must come to."""
 
     OK = "ok"
     NOT_FOUND = "not_found"
     REFUNDED = "refunded"
     EXPIRED = "expired"
     COMMITTED = "committed"
+    LIMIT = "limit"  # extend only: past an hour after the period's end
+
+
+class GrantKind(StrEnum):
+    """What a grant request must come to."""
+
+    GRANTED = "granted"
+    REPLAY = "replay"
+    REUSED = "reused"
+    EXCEEDS = "exceeds"
+    LIMIT = "limit"
+
+
+@dataclass(frozen=True)
+class RefGrant:
+    grant_id: str
+    coach_id: str
+    period: Period
+    credits: int
+    reason: str
+    granted_at: datetime
+
+
+@dataclass
+class GrantDecision:
+    kind: GrantKind
+    coach_id: str
+    period: Period
+    credits: int
+    reason: str
+    granted_at: datetime
+    #: For REPLAY: the grant the key made. For EXCEEDS: what remained.
+    earlier: RefGrant | None = None
+    remaining: int = 0
+    idem: tuple[str, str, str] | None = None
 
 
 @dataclass
@@ -74,7 +120,10 @@ class RefReservation:
 class Counters:
     used: int
     held: int
+    #: The effective allowance, and what it is made of.
     allowance: int
+    base_allowance: int = 0
+    granted: int = 0
 
     @property
     def remaining(self) -> int:
@@ -115,8 +164,27 @@ class Ledger:
     by_period: dict[tuple[str, Period], list[str]] = field(
         default_factory=lambda: defaultdict(list)
     )
+    #: Coaches' own monthly allowances; a coach without one has the configured one.
+    overrides: dict[str, int] = field(default_factory=dict)
+    grants: dict[tuple[str, Period], list[RefGrant]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    #: (principal, coach, key) -> ((credits, reason), the grant, made at, its number in
+    #: the coach's idempotency records, which a reserve's and a grant's share)
+    grant_keys: dict[tuple[str, str, str], tuple[tuple[int, str], RefGrant, datetime, int]] = field(
+        default_factory=dict
+    )
+    #: (coach, period) -> the highest effective allowance any hold was made under: what
+    #: used + held may reach (a lowered allowance takes nothing back).
+    high: dict[tuple[str, Period], int] = field(default_factory=dict)
 
     # --- reading ----------------------------------------------------------------------
+
+    def base(self, coach_id: str) -> int:
+        return self.overrides.get(coach_id, self.allowance)
+
+    def granted(self, coach_id: str, period: Period) -> int:
+        return sum(g.credits for g in self.grants.get((coach_id, period), ()))
 
     def counters(self, coach_id: str, period: Period, now: datetime) -> Counters:
         used = held = 0
@@ -127,7 +195,8 @@ class Ledger:
                 used += res.cost
             elif state is Status.HELD:
                 held += res.cost
-        return Counters(used, held, self.allowance)
+        base, granted = self.base(coach_id), self.granted(coach_id, period)
+        return Counters(used, held, effective_allowance(base, granted), base, granted)
 
     def usage(self, coach_id: str, now: datetime) -> Counters:
         return self.counters(coach_id, Period.containing(now), now)
@@ -174,9 +243,9 @@ class Ledger:
                 decision.kind = Kind.REUSED if seen_feature != feature else Kind.REPLAY
                 return decision
         counters = self.counters(coach_id, period, now)
-        if counters.used + counters.held + cost > self.allowance:
+        decision.counters = counters
+        if counters.used + counters.held + cost > counters.allowance:
             decision.kind = Kind.EXHAUSTED
-            decision.counters = counters
         elif self.live_holds(coach_id, period, now) >= MAX_LIVE_HOLDS:
             decision.kind = Kind.TOO_MANY
         return decision
@@ -211,6 +280,9 @@ class Ledger:
         )
         self.reservations[rid] = res
         self.by_period[(res.coach_id, res.period)].append(rid)
+        assert decision.counters is not None
+        where = (res.coach_id, res.period)
+        self.high[where] = max(self.high.get(where, 0), decision.counters.allowance)
         if decision.idem is not None:
             coach = decision.coach_id
             self.idempotency_made[coach] += 1
@@ -263,13 +335,92 @@ class Ledger:
                 # Refunded before, or lapsed: either way its credits are back.
                 return Settle.OK, res
 
+    def extend(self, rid: str, now: datetime, ttl_seconds: int) -> Settle:
+        res = self.reservations.get(rid)
+        if res is None:
+            return Settle.NOT_FOUND
+        self.expire_lapsed(now)
+        match res.state:
+            case Status.HELD:
+                expires_at = now + timedelta(seconds=ttl_seconds)
+                if expires_at > res.period.holds_end_at:
+                    return Settle.LIMIT
+                res.expires_at = expires_at
+                return Settle.OK
+            case Status.COMMITTED:
+                return Settle.COMMITTED
+            case Status.REFUNDED:
+                return Settle.REFUNDED
+            case _:
+                return Settle.EXPIRED
+
+    # --- allowances and grants ------------------------------------------------------------
+
+    def set_allowance(self, coach_id: str, monthly_allowance: int | None) -> None:
+        if monthly_allowance is None:
+            self.overrides.pop(coach_id, None)
+        else:
+            self.overrides[coach_id] = monthly_allowance
+
+    def grant(
+        self,
+        coach_id: str,
+        credits: int,
+        reason: str,
+        now: datetime,
+        *,
+        idempotency_key: str | None = None,
+        principal: str = "",
+    ) -> GrantDecision:
+        period = Period.containing(now)
+        decision = GrantDecision(GrantKind.GRANTED, coach_id, period, credits, reason, now)
+        if idempotency_key is not None:
+            decision.idem = (principal, coach_id, idempotency_key)
+            seen = self.grant_keys.get(decision.idem)
+            if seen is not None and self._idempotency_live(
+                coach_id, ("", "", seen[2], seen[3]), now
+            ):
+                request, earlier, _, _ = seen
+                decision.earlier = earlier
+                decision.kind = (
+                    GrantKind.REPLAY if request == (credits, reason) else GrantKind.REUSED
+                )
+                return decision
+        if len(self.grants[(coach_id, period)]) >= MAX_GRANTS_PER_PERIOD:
+            decision.kind = GrantKind.LIMIT
+            return decision
+        c = self.counters(coach_id, period, now)
+        if credits < 0 and c.base_allowance + c.granted + credits < c.used + c.held:
+            decision.kind = GrantKind.EXCEEDS
+            decision.remaining = c.remaining
+        return decision
+
+    def bind_grant(self, decision: GrantDecision, grant_id: str) -> RefGrant:
+        assert decision.kind is GrantKind.GRANTED, decision
+        made = RefGrant(
+            grant_id,
+            decision.coach_id,
+            decision.period,
+            decision.credits,
+            decision.reason,
+            decision.granted_at,
+        )
+        self.grants[(made.coach_id, made.period)].append(made)
+        if decision.idem is not None:
+            coach = decision.coach_id
+            self.idempotency_made[coach] += 1
+            number = self.idempotency_made[coach]
+            request = (decision.credits, decision.reason)
+            self.grant_keys[decision.idem] = (request, made, decision.granted_at, number)
+        return made
+
     # --- self-checks --------------------------------------------------------------------
 
     def check(self, now: datetime) -> None:
         """The model's own invariants, so a bug in the model cannot hide one in the store."""
         for (coach_id, period), rids in self.by_period.items():
             c = self.counters(coach_id, period, now)
-            assert c.used + c.held <= self.allowance, (coach_id, period, c)
+            assert c.used + c.held <= self.high.get((coach_id, period), 0), (coach_id, period, c)
             for rid in rids:
                 res = self.reservations[rid]
                 assert res.settlements <= 1
