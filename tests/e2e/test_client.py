@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -66,6 +67,32 @@ async def test_a_block_that_succeeds_is_committed(credits: CreditsClient) -> Non
     assert hold.reservation.status == "committed"
     usage = await credits.usage(coach)
     assert (usage.used, usage.held, usage.remaining) == (3, 0, 47)
+
+
+async def test_a_block_longer_than_its_hold_keeps_it_alive_and_is_charged_once(
+    credits: CreditsClient,
+) -> None:
+    """The hold's TTL is 2 s and the block runs 5 s: the client extends it against the
+    real service meanwhile, so it is committed, not lapsed, and charged once."""
+    coach = new_coach()
+    async with credits.hold(coach, "trend_analysis", ttl_seconds=2) as hold:
+        await asyncio.sleep(5)
+        assert (await credits.usage(coach)).held == 3  # still held, past two TTLs
+    assert hold.committed
+    usage = await credits.usage(coach)
+    assert (usage.used, usage.held) == (3, 0)
+    page = await credits.events(coach)
+    assert [e.kind for e in page.events].count("extended") >= 2
+
+
+def test_the_sync_client_keeps_a_long_block_s_hold_alive(service: ServiceProcess) -> None:
+    coach = new_coach()
+    with SyncCreditsClient(service.url, api_key=WORKER_KEY, retry=FAST_RETRY) as client:
+        with client.hold(coach, "checkin_draft", ttl_seconds=2) as hold:
+            time.sleep(4)
+        assert hold.committed
+        usage = client.usage(coach)
+        assert (usage.used, usage.held) == (1, 0)
 
 
 async def test_a_block_that_raises_is_refunded(credits: CreditsClient) -> None:
