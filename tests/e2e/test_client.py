@@ -70,7 +70,7 @@ async def test_a_block_that_succeeds_is_committed(credits: CreditsClient) -> Non
 
 
 async def test_a_block_longer_than_its_hold_keeps_it_alive_and_is_charged_once(
-    credits: CreditsClient,
+    credits: CreditsClient, service: ServiceProcess
 ) -> None:
     """The hold's TTL is 2 s and the block runs 5 s: the client extends it against the
     real service meanwhile, so it is committed, not lapsed, and charged once."""
@@ -81,7 +81,8 @@ async def test_a_block_longer_than_its_hold_keeps_it_alive_and_is_charged_once(
     assert hold.committed
     usage = await credits.usage(coach)
     assert (usage.used, usage.held) == (3, 0)
-    page = await credits.events(coach)
+    async with CreditsClient(service.url, api_key=READER_KEY, retry=FAST_RETRY) as reader:
+        page = await reader.events(coach)
     assert [e.kind for e in page.events].count("extended") >= 2
 
 
