@@ -11,7 +11,7 @@ COPY pyproject.toml uv.lock README.md ./
 COPY app ./app
 COPY lua ./lua
 RUN uv build --wheel --build-constraints build-constraints.txt --require-hashes --out-dir /dist \
- && uv export --frozen --no-dev --no-emit-project --format requirements-txt -o /dist/requirements.txt
+ && uv export --frozen --no-dev --no-emit-project --format pylock.toml -o /dist/pylock.toml
 
 # Runtime: a venv with the wheel (no -e, no source tree) and its locked dependencies;
 # uv and the wheel are mounted from the build stage, never copied into the image.
@@ -23,7 +23,7 @@ RUN --mount=type=bind,from=build,source=/dist,target=/dist \
     --mount=type=bind,from=build,source=/usr/local/bin/uv,target=/usr/local/bin/uv \
     uv venv /opt/venv \
  && uv pip install --python /opt/venv/bin/python --no-cache --compile-bytecode --no-deps \
-      --require-hashes -r /dist/requirements.txt \
+      --require-hashes -r /dist/pylock.toml \
  && uv pip install --python /opt/venv/bin/python --no-cache --compile-bytecode --no-deps \
       /dist/ai_credits-*.whl \
  && uv pip check --python /opt/venv/bin/python \

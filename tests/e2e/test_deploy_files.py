@@ -106,7 +106,7 @@ def test_the_image_builds_the_wheel_in_one_stage_and_runs_it_in_another() -> Non
     assert runtime.all("COPY") == [], "no source tree in the running image"
     assert "-e " not in steps
     assert "--editable" not in steps
-    assert "--require-hashes -r /dist/requirements.txt" in steps
+    assert "--require-hashes -r /dist/pylock.toml" in steps
     assert runtime.all("USER") not in ([], ["root"], ["0"]), "the service does not run as root"
     assert any("/healthz" in rest for rest in runtime.all("HEALTHCHECK"))
     assert runtime.all("EXPOSE") == ["8000"]

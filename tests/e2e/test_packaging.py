@@ -91,14 +91,16 @@ def test_the_wheel_holds_every_file_of_the_package_and_the_lua_scripts(wheel: Pa
 @pytest.fixture(scope="module")
 def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with the wheel (not editable) and the lock's runtime dependencies,
-    taken from uv's cache."""
+    taken from uv's cache by the very files the lock names (a PEP 751 lock carries their
+    URLs, so no index page is needed offline)."""
     work = tmp_path_factory.mktemp("installed")
     uv = uv_binary()
-    requirements = work / "requirements.txt"
+    requirements = work / "pylock.toml"
     run(
-        [uv, "export", "--frozen", "--no-dev", "--no-emit-project", "-o", str(requirements)],
+        [uv, "export", "--frozen", "--no-dev", "--no-emit-project", "--format", "pylock.toml",
+         "-o", str(requirements)],
         cwd=ROOT,
-    )
+    )  # fmt: skip
     venv = work / "venv"
     python = str(venv / "bin" / "python")
     run([uv, "venv", str(venv)], cwd=work)
