@@ -54,10 +54,13 @@ lint: $(VENV)/.test-stamp
 	$(BIN)/mypy
 
 # pytest's exit 5 (nothing collected) is a failure with its own word, not a silent pass.
+# Two processes (pytest-xdist): most tests wait on servers and subprocesses, so two keep
+# both cores busy. Work is handed out test by test: the file-wise modes key tests by node
+# id and would run only one of the schema fuzzer's per-operation tests, which share one.
 test: $(VENV)/.test-stamp lint
 	scripts/ensure-redis
 	scripts/ensure-chromium
-	@$(BIN)/pytest; status=$$?; \
+	@$(BIN)/pytest -n 2 --dist worksteal; status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "make test: pytest ran no test" >&2; fi; \
 	  exit $$status
 
