@@ -634,6 +634,41 @@ async def bench_http(report: Report, redis: RedisProcess, load: Load) -> None:
     )
 
 
+async def bench_quota(report: Report, redis: RedisProcess, load: Load) -> None:
+    """HTTP reserve with one worker, with the quota headers and without them
+    (``bench.quota_off``), in interleaved rounds (median of 3): what the headers cost."""
+    rounds = 1 if report.quick else 3
+
+    def service(module: str) -> Uvicorn:
+        port = free_port()
+        argv = [module if a == "app.main:app" else a for a in production_argv(port, 1)]
+        return Uvicorn(argv, service_env(redis), port)
+
+    with service("app.main:app") as on, service("bench.quota_off:app") as off:
+        servers = {"on": on, "off": off}
+        for name, srv in servers.items():
+            # The control must really differ by the headers alone.
+            headers = {"Authorization": f"Bearer {API_KEY}"}
+            async with httpx.AsyncClient(base_url=srv.base, headers=headers) as http:
+                r = await http.post(
+                    "/v1/coaches/quota-check/reservations", json={"feature": "checkin_draft"}
+                )
+            if r.status_code != 201 or ("ratelimit" in r.headers) != (name == "on"):
+                raise RuntimeError(f"bench: quota control {name!r} answered {r} {r.headers}")
+            wrk(srv.base, "reserve", 1, key=API_KEY)  # warm-up
+        results: dict[str, list[WrkResult]] = {name: [] for name in servers}
+        for _ in range(rounds):
+            for name, srv in servers.items():
+                results[name].append(wrk(srv.base, "reserve", load.wrk_seconds, key=API_KEY))
+    got = {n: sorted(rs, key=lambda r: r.rps)[len(rs) // 2] for n, rs in results.items()}
+    note = f"median of {rounds} interleaved round(s)"
+    wrk_row(report, "quota", f"HTTP reserve, 1 worker, with quota headers ({note})", got["on"])
+    wrk_row(report, "quota", "HTTP reserve, 1 worker, without quota headers", got["off"])
+    report.target(
+        "HTTP reserve with quota headers vs without", got["on"].rps / got["off"].rps, 0.95
+    )
+
+
 async def bench_cluster(report: Report, redis: RedisProcess, load: Load) -> None:
     """HTTP reserve with one worker on one Redis and on a local cluster of three primaries,
     in interleaved rounds (median of 3); three primaries with a replica each beside it.
@@ -1138,6 +1173,7 @@ async def run(load: Load, quick: bool) -> Report:
         await bench_limit(report, redis, load)
         await bench_python(report, redis, load)
         await bench_http(report, redis, load)
+        await bench_quota(report, redis, load)
         await bench_cluster(report, redis, load)
         await bench_streams(report, redis, load)
         await bench_webhooks(report, redis, load)

@@ -16,7 +16,7 @@ from app.api.answers import Answer, FastJSONResponse, json_answer
 from app.api.deps import AnyScope, MetricsDep, Principal, Reader, StoreDep, Worker, store_of
 from app.api.openapi import QUOTA_HEADERS, problems
 from app.api.problems import problem_body
-from app.api.quota import headers_dict, usage_quota_headers
+from app.api.quota import RawHeader, headers_dict, usage_quota_headers
 from app.api.schemas import (
     BatchReserveOut,
     BatchReserveRequest,
@@ -33,6 +33,7 @@ from app.api.schemas import (
     reservation_json,
     usage_json,
 )
+from app.domain import Reservation
 from app.errors import CreditsError, InvalidRequest
 from app.store import CreditStore, ReserveItem
 
@@ -101,10 +102,17 @@ async def reserve_answer(
         idempotency_key=idempotency_key,
         principal=principal.key_id,
     )
-    # The quota headers speak of the current period, also when a replay answers with an
-    # earlier period's reservation.
-    quota = usage_quota_headers(reservation.current or reservation.usage, store.clock())
-    return json_answer(201 if created else 200, encode_reservation(reservation), quota)
+    return json_answer(
+        201 if created else 200,
+        encode_reservation(reservation),
+        reserve_quota_headers(store, reservation),
+    )
+
+
+def reserve_quota_headers(store: CreditStore, reservation: Reservation) -> list[RawHeader]:
+    """A reserve answer's quota headers: of the current period, also when a replay answers
+    with an earlier period's reservation."""
+    return usage_quota_headers(reservation.current or reservation.usage, store.clock())
 
 
 async def commit_answer(store: CreditStore, reservation_id: str) -> Answer:
