@@ -92,7 +92,7 @@ end
 -- a script defines, on every call: for these that cost about as much as a Redis
 -- command, and reserve's common path needs none of them, so a script defines them only
 -- when it needs them (reserve: only off its common path).
-local num, parse_record, counters, sweep_due, find_record, feature_name, new_code
+local num, parse_record, counters, sweep_due, find_record, feature_name
 local trim_log, push_events, expire_holds, release_lapsed, effective_held
 local settle_target, settle_hold, settle_reply, move_settled, idem_find, idem_write
 local outbox_record
@@ -151,12 +151,6 @@ local function define_helpers()
 
   function feature_name(account, code)
     return redis.call('HGET', account, 'fn:' .. code) or ''
-  end
-
-  -- The code for a feature first used in this period, and the fields that record it.
-  function new_code(account, feature)
-    local code = tostring(redis.call('HINCRBY', account, 'codes', 1))
-    return code, {'fc:' .. feature, code, 'fn:' .. code, feature}
   end
 
   -- Keeps the log at `events_max` rows once a push made it `n` long: the rows that fall

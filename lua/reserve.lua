@@ -37,9 +37,8 @@ local batch, events_max = tonumber(ARGV[10]), tonumber(ARGV[11])
 keys_expire_at = ARGV[7]
 base = tonumber(ARGV[13])
 
--- The common path (no lapsed hold, no idempotency key, credits left, a feature already
--- used this period) is written out with no helper: defining them costs more than the
--- checks (see define_helpers).
+-- The common path (no lapsed hold, no idempotency key, credits left) is written out
+-- with no helper: defining them costs more than the checks (see define_helpers).
 local got = redis.call('HMGET', account, 'used', 'held', 'seq', 'next', 'moved_at', 'fc:' .. feature, 'granted')
 local used, held, seq, nxt = tonumber(got[1]) or 0, tonumber(got[2]) or 0, tonumber(got[3]) or 0, tonumber(got[4])
 local moved_at, code, granted = tonumber(got[5]) or 0, got[6], tonumber(got[7]) or 0
@@ -129,16 +128,22 @@ if code then
     redis.call('HSET', account, 'r:' .. token, rec, 'held', held + cost, 'seq', seq)
   end
 else
-  define_helpers()
-  local fields
-  code, fields = new_code(account, feature)
-  local n = #fields
-  fields[n + 1], fields[n + 2] = 'r:' .. token, record('h', ARGV[4], ARGV[15], code)
-  fields[n + 3], fields[n + 4], fields[n + 5], fields[n + 6] = 'held', held + cost, 'seq', seq
-  if moves_next then
-    fields[n + 7], fields[n + 8] = 'next', ARGV[5]
+  -- The feature's first use this period: it gets the next code (`codes` counts those
+  -- given out), recorded both ways. A coach's first call of the month gives out code 1
+  -- in the same HSET that creates the account.
+  if exists then
+    code = tostring(redis.call('HINCRBY', account, 'codes', 1))
+  else
+    code = '1'
   end
-  redis.call('HSET', account, unpack(fields))
+  local rec = record('h', ARGV[4], ARGV[15], code)
+  if moves_next then
+    redis.call('HSET', account, 'fc:' .. feature, code, 'fn:' .. code, feature, 'codes', code,
+      'r:' .. token, rec, 'held', held + cost, 'seq', seq, 'next', ARGV[5])
+  else
+    redis.call('HSET', account, 'fc:' .. feature, code, 'fn:' .. code, feature, 'codes', code,
+      'r:' .. token, rec, 'held', held + cost, 'seq', seq)
+  end
 end
 redis.call('ZADD', holds, ARGV[5], token)
 if not exists then
