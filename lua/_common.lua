@@ -300,8 +300,9 @@ local function define_helpers()
   -- nothing, for an unknown token.
   function settle_target(account, holds, events, settled, events_max, now, token, batch)
     local field = 'r:' .. token
-    local rec, used, held, seq, nxt, granted =
-      unpack(redis.call('HMGET', account, field, 'used', 'held', 'seq', 'next', 'granted'))
+    -- The names of codes 1 and 2 come along: most coaches use no more than two features.
+    local rec, used, held, seq, nxt, granted, name1, name2 = unpack(
+      redis.call('HMGET', account, field, 'used', 'held', 'seq', 'next', 'granted', 'fn:1', 'fn:2'))
     if not rec then
       rec = find_record(account, settled, token)
       if not rec then
@@ -312,7 +313,8 @@ local function define_helpers()
       return nil -- not a record this version wrote
     end
     local prior = string.sub(rec, 1, 1)
-    local t = {used = num(used), held = num(held), seq = num(seq), granted = num(granted)}
+    local t = {used = num(used), held = num(held), seq = num(seq), granted = num(granted),
+               names = {name1, name2}}
     if sweep_due(t.held, tonumber(nxt), now) then
       release_lapsed(account, holds, events, events_max, now, batch)
       local again = redis.call('HMGET', account, field, 'held', 'seq')
@@ -353,8 +355,9 @@ local function define_helpers()
   -- `t.monthly` is the caller's to set (monthly_allowance).
   function settle_reply(account, outcome, token, t)
     local again = t.prior ~= 'h' and 'again' or ''
+    local name = t.names[tonumber(t.code)] or feature_name(account, t.code)
     return {outcome, t.used, t.held, token, t.state, t.cost, t.expires,
-            feature_name(account, t.code), again, swept, t.monthly, t.granted}
+            name, again, swept, t.monthly, t.granted}
   end
 
   -- Before dropping the oldest settled records, writes each one's final state into the
