@@ -634,6 +634,18 @@ async def bench_http(report: Report, redis: RedisProcess, load: Load) -> None:
     )
 
 
+def median_reserve(servers: dict[str, Uvicorn], rounds: int, secs: int) -> dict[str, WrkResult]:
+    """HTTP reserve on each server in interleaved rounds (a neighbour's burst then costs
+    one round of each, not the comparison): each server's median run."""
+    results: dict[str, list[WrkResult]] = {name: [] for name in servers}
+    for srv in servers.values():
+        wrk(srv.base, "reserve", 1, key=API_KEY)  # warm-up
+    for _ in range(rounds):
+        for name, srv in servers.items():
+            results[name].append(wrk(srv.base, "reserve", secs, key=API_KEY))
+    return {n: sorted(rs, key=lambda r: r.rps)[len(rs) // 2] for n, rs in results.items()}
+
+
 async def bench_quota(report: Report, redis: RedisProcess, load: Load) -> None:
     """HTTP reserve with one worker, with the quota headers and without them
     (``bench.quota_off``), in interleaved rounds (median of 3): what the headers cost."""
@@ -655,12 +667,7 @@ async def bench_quota(report: Report, redis: RedisProcess, load: Load) -> None:
                 )
             if r.status_code != 201 or ("ratelimit" in r.headers) != (name == "on"):
                 raise RuntimeError(f"bench: quota control {name!r} answered {r} {r.headers}")
-            wrk(srv.base, "reserve", 1, key=API_KEY)  # warm-up
-        results: dict[str, list[WrkResult]] = {name: [] for name in servers}
-        for _ in range(rounds):
-            for name, srv in servers.items():
-                results[name].append(wrk(srv.base, "reserve", load.wrk_seconds, key=API_KEY))
-    got = {n: sorted(rs, key=lambda r: r.rps)[len(rs) // 2] for n, rs in results.items()}
+        got = median_reserve(servers, rounds, load.wrk_seconds)
     note = f"median of {rounds} interleaved round(s)"
     wrk_row(report, "quota", f"HTTP reserve, 1 worker, with quota headers ({note})", got["on"])
     wrk_row(report, "quota", "HTTP reserve, 1 worker, without quota headers", got["off"])
@@ -688,27 +695,18 @@ async def bench_cluster(report: Report, redis: RedisProcess, load: Load) -> None
         port = free_port()
         return Uvicorn(production_argv(port, 1), env(url, cluster), port)
 
-    def median_reserve(servers: dict[str, Uvicorn]) -> dict[str, WrkResult]:
-        results: dict[str, list[WrkResult]] = {name: [] for name in servers}
-        for srv in servers.values():
-            wrk(srv.base, "reserve", 1, key=API_KEY)  # warm-up
-        for _ in range(rounds):
-            for name, srv in servers.items():
-                results[name].append(wrk(srv.base, "reserve", secs, key=API_KEY))
-        return {n: sorted(rs, key=lambda r: r.rps)[len(rs) // 2] for n, rs in results.items()}
-
     workdir = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     with (
         LocalCluster(workdir / "three", replicas=0) as three,
         service(redis.db_url(DB_CLUSTER_PEER), False) as single,
         service(three.live_seed_url(), True) as clustered,
     ):
-        got = median_reserve({"single": single, "three": clustered})
+        got = median_reserve({"single": single, "three": clustered}, rounds, secs)
     with (
         LocalCluster(workdir / "six", replicas=1) as six,
         service(six.live_seed_url(), True) as srv,
     ):
-        got |= median_reserve({"six": srv})
+        got |= median_reserve({"six": srv}, rounds, secs)
     note = f"median of {rounds} interleaved round(s)"
     wrk_row(report, "cluster", f"HTTP reserve, 1 worker, one Redis ({note})", got["single"])
     wrk_row(report, "cluster", "HTTP reserve, 1 worker, cluster of 3 primaries", got["three"])
