@@ -50,7 +50,9 @@ EXPECTED_ROWS = [
     ("service", "HTTP commit, 2 worker"),
     ("service", "HTTP usage, 2 worker"),
     ("batch", "HTTP batch reserve"),
+    ("batch", "Redis time per batch reserve item"),
     ("batch", "HTTP batch settle"),
+    ("batch", "Redis time per batch settle item"),
     ("webhook", "delivery lag under HTTP reserve load, p50"),
     ("webhook", "delivery lag under HTTP reserve load, p99"),
     ("scale", "reserve.lua, random coaches, empty Redis"),
@@ -129,6 +131,9 @@ def test_quick_run_reports_every_row_and_target(quick_run: tuple[dict[str, Any],
     rates = [r for r in result["rows"] if r["unit"] in ("calls/s", "req/s", "credit ops/s")]
     assert rates
     assert all(r["value"] > 0 for r in rates), rates
+    redis_times = [r for r in result["rows"] if r["section"] == "batch" and r["unit"] == "us"]
+    assert len(redis_times) == 2
+    assert all(r["value"] > 0 for r in redis_times), redis_times
 
     assert [t["name"] for t in result["targets"]] == EXPECTED_TARGETS
     for target in result["targets"]:
