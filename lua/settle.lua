@@ -35,6 +35,51 @@ local batch, events_max = tonumber(ARGV[3]), tonumber(ARGV[4])
 local commit = ARGV[6] == 'commit'
 keys_expire_at = ARGV[5]
 base = tonumber(ARGV[7])
+
+-- >>> common path: a live hold in the account, settled before it lapses, with nothing
+-- to sweep and no threshold webhook to weigh. Written out without the helper set, as
+-- reserve's is (defining it costs more than this path's commands); it writes and
+-- answers exactly what the general path below would.
+local field = 'r:' .. token
+local got = redis.call('HMGET', account, field, 'used', 'held', 'seq', 'next', 'granted', 'fn:1', 'fn:2')
+local nxt = tonumber(got[5])
+local cost_text, expires_text, code
+if got[1] and nxt and nxt > now then
+  cost_text, expires_text, code = string.match(got[1], '^h(%d+)|(%x+)|([^|]*)$')
+end
+local expires = cost_text and base + tonumber(expires_text, 16)
+if expires and expires > now then
+  local cost, used, granted = tonumber(cost_text), tonumber(got[2]) or 0, tonumber(got[6]) or 0
+  local monthly = tonumber(redis.call('GET', KEYS[4])) or tonumber(ARGV[9])
+  local allowance = monthly + granted
+  if commit then
+    used = used + cost
+  end
+  if not (commit and KEYS[8] and (used * 100 > allowance * 70 or used >= allowance)) then
+    local state = commit and 'c' or 'r'
+    local held, seq = (tonumber(got[3]) or 0) - cost, (tonumber(got[4]) or 0) + 1
+    local rec = record(state, cost_text, expires_text, code) .. '|' .. seq
+    if commit then
+      redis.call('HSET', account, field, rec, 'held', held, 'seq', seq, 'used', used)
+    else
+      redis.call('HSET', account, field, rec, 'held', held, 'seq', seq)
+    end
+    redis.call('ZREM', holds, token)
+    local n = redis.call('LPUSH', events, event_line(state, cost_text, ARGV[8], code, token))
+    if n == 1 then
+      redis.call('PEXPIREAT', events, keys_expire_at)
+    end
+    if n > events_max then
+      define_helpers()
+      trim_log(account, events, n, events_max)
+    end
+    local name = (code == '1' and got[7]) or (code == '2' and got[8])
+      or redis.call('HGET', account, 'fn:' .. code) or ''
+    return {'OK', used, held, token, state, cost, expires, name, '', swept, monthly, granted}
+  end
+end
+-- <<< common path
+
 define_helpers()
 
 local t = settle_target(account, holds, events, {KEYS[5], KEYS[6], KEYS[7]}, events_max, now, token, batch)
