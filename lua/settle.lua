@@ -37,11 +37,12 @@ keys_expire_at = ARGV[5]
 base = tonumber(ARGV[7])
 
 -- >>> common path: a live hold in the account, settled before it lapses, with nothing
--- to sweep and no threshold webhook to weigh. Written out without the helper set, as
+-- to sweep and no threshold webhook to record. Written out without the helper set, as
 -- reserve's is (defining it costs more than this path's commands); it writes and
 -- answers exactly what the general path below would.
 local field = 'r:' .. token
-local got = redis.call('HMGET', account, field, 'used', 'held', 'seq', 'next', 'granted', 'fn:1', 'fn:2')
+local got = redis.call('HMGET', account, field, 'used', 'held', 'seq', 'next', 'granted', 'fn:1', 'fn:2',
+  'wh')
 local nxt = tonumber(got[5])
 local cost_text, expires_text, code
 if got[1] and nxt and nxt > now then
@@ -55,7 +56,13 @@ if expires and expires > now then
   if commit then
     used = used + cost
   end
-  if not (commit and KEYS[8] and (used * 100 > allowance * 70 or used >= allowance)) then
+  -- A threshold this commit passes that no webhook has announced yet: the general path.
+  local due = commit and KEYS[8] and (used * 100 > allowance * 70 or used >= allowance)
+  if due then
+    local passed = (used >= allowance and 100) or (used * 100 > allowance * 90 and 90) or 70
+    due = passed > (tonumber(got[9]) or 0)
+  end
+  if not due then
     local state = commit and 'c' or 'r'
     local held, seq = (tonumber(got[3]) or 0) - cost, (tonumber(got[4]) or 0) + 1
     local rec = record(state, cost_text, expires_text, code) .. '|' .. seq
