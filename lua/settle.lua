@@ -36,6 +36,14 @@ local commit = ARGV[6] == 'commit'
 keys_expire_at = ARGV[5]
 base = tonumber(ARGV[7])
 
+-- The usage threshold a commit that leaves `used` credits used has passed, when threshold
+-- webhooks are configured: 70 or 90 (used above that share), 100 (all used), else nil.
+local function threshold(used, allowance)
+  if commit and KEYS[8] and (used * 100 > allowance * 70 or used >= allowance) then
+    return (used >= allowance and 100) or (used * 100 > allowance * 90 and 90) or 70
+  end
+end
+
 -- >>> common path: a live hold in the account, settled before it lapses, with nothing
 -- to sweep and no threshold webhook to record. Written out without the helper set, as
 -- reserve's is (defining it costs more than this path's commands); it writes and
@@ -57,12 +65,8 @@ if expires and expires > now then
     used = used + cost
   end
   -- A threshold this commit passes that no webhook has announced yet: the general path.
-  local due = commit and KEYS[8] and (used * 100 > allowance * 70 or used >= allowance)
-  if due then
-    local passed = (used >= allowance and 100) or (used * 100 > allowance * 90 and 90) or 70
-    due = passed > (tonumber(got[9]) or 0)
-  end
-  if not due then
+  local passed = threshold(used, allowance)
+  if not (passed and passed > (tonumber(got[9]) or 0)) then
     local state = commit and 'c' or 'r'
     local held, seq = (tonumber(got[3]) or 0) - cost, (tonumber(got[4]) or 0) + 1
     local rec = record(state, cost_text, expires_text, code) .. '|' .. seq
@@ -104,9 +108,8 @@ if t.state == 'h' then
   -- >>> threshold webhooks: each of 70 % / 90 % passed (used above it) and 100 %
   -- reached that was not notified yet this period becomes one delivery per endpoint.
   -- `wh` in the account is the highest threshold notified: never lowered (no re-arming).
-  local used = t.used
-  if commit and KEYS[8] and (used * 100 > allowance * 70 or used >= allowance) then
-    local passed = (used >= allowance and 100) or (used * 100 > allowance * 90 and 90) or 70
+  local passed = threshold(t.used, allowance)
+  if passed then
     local done = tonumber(redis.call('HGET', account, 'wh')) or 0
     if passed > done then
       redis.call('HSET', account, 'wh', passed)
