@@ -21,6 +21,7 @@ from app.store.batch import SettleAction
 from app.store.scripts import load_script_source
 from app.webhooks.outbox import Outbox
 from tests.support.clock import FrozenClock
+from tests.support.http import snapshot
 from tests.support.redis import RedisProcess
 
 SETTLE = load_script_source("settle")
@@ -61,24 +62,6 @@ async def clients(request: pytest.FixtureRequest) -> AsyncIterator[Clients]:
     await made.raw.aclose()
 
 
-async def keyspace(raw: Any) -> dict[bytes, tuple[str, Any, int]]:
-    """Every key: its type, its whole value and when it expires."""
-    found: dict[bytes, tuple[str, Any, int]] = {}
-    for key in sorted(await raw.keys("*")):
-        kind = (await raw.type(key)).decode()
-        value: Any
-        if kind == "hash":
-            value = await raw.hgetall(key)
-        elif kind == "list":
-            value = await raw.lrange(key, 0, -1)
-        elif kind == "zset":
-            value = await raw.zrange(key, 0, -1, withscores=True)
-        else:
-            value = await raw.get(key)
-        found[key] = (kind, value, await raw.pexpiretime(key))
-    return found
-
-
 async def dump(raw: Any) -> list[tuple[bytes, bytes, int]]:
     return [(k, await raw.dump(k), await raw.pexpiretime(k)) for k in await raw.keys("*")]
 
@@ -110,11 +93,11 @@ async def settle_both_ways(c: Clients, store: CreditStore, rid: str, action: Set
     if c.real:
         taken = "common" if await hmget_calls(c) - before == 1 else "general"
         c.paths[taken] += 1
-    after_shipped = await keyspace(c.raw)
+    after_shipped = await snapshot(c.store)
     await restore(c.raw, saved)
     general = await c.store.eval(GENERAL_ONLY, numkeys, *keys_and_args)
     assert shipped == general, (action, shipped, general)
-    assert await keyspace(c.raw) == after_shipped, (action, shipped)
+    assert await snapshot(c.store) == after_shipped, (action, shipped)
 
 
 @pytest.mark.real_redis
