@@ -720,6 +720,13 @@ async def bench_cluster(report: Report, redis: RedisProcess, load: Load) -> None
     )
 
 
+async def script_usec(admin: Redis) -> tuple[int, int]:
+    """Script calls Redis has run and the microseconds they took, its ``INFO
+    commandstats`` (the commands a script runs are inside its time)."""
+    stats = (await admin.info("commandstats")).get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
+
+
 #: Open usage streams in the stream rows; the service's default cap.
 STREAMS = 1000
 
@@ -732,10 +739,6 @@ async def bench_streams(report: Report, redis: RedisProcess, load: Load) -> None
     port = free_port()
     env = {**service_env(redis), "CREDITS_STREAMS_MAX": str(STREAMS)}
     admin = Redis.from_url(redis.db_url(DB_SERVICE), decode_responses=True)
-
-    async def evalsha_calls() -> int:
-        stats = await admin.info("commandstats")
-        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
     def writes(metrics: str) -> float:
         match = re.search(r"^credits_redis_commands_per_write_count (\S+)$", metrics, re.M)
@@ -765,10 +768,12 @@ async def bench_streams(report: Report, redis: RedisProcess, load: Load) -> None
             tasks = [asyncio.create_task(stream(c)) for c in coaches]
             await asyncio.wait_for(opened.wait(), 120)
             await asyncio.sleep(1.5)  # past the first polls
-            calls0, writes0 = await evalsha_calls(), writes((await http.get("/metrics")).text)
+            calls0, _ = await script_usec(admin)
+            writes0 = writes((await http.get("/metrics")).text)
             started = time.monotonic()
             await asyncio.sleep(seconds)
-            calls1, writes1 = await evalsha_calls(), writes((await http.get("/metrics")).text)
+            calls1, _ = await script_usec(admin)
+            writes1 = writes((await http.get("/metrics")).text)
             span = time.monotonic() - started
             for t in tasks:
                 t.cancel()
@@ -808,13 +813,6 @@ async def bench_streams(report: Report, redis: RedisProcess, load: Load) -> None
         False,
     )
     report.target("script calls per poll, 1,000 streams on one coach", one_calls, 1.5, False)
-
-
-async def script_usec(admin: Redis) -> tuple[int, int]:
-    """Script calls Redis has run and the microseconds they took, its ``INFO
-    commandstats`` (the commands a script runs are inside its time)."""
-    stats = (await admin.info("commandstats")).get("cmdstat_evalsha", {})
-    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
 
 
 async def bench_batches(report: Report, redis: RedisProcess, load: Load, base: str) -> None:
