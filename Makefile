@@ -23,7 +23,7 @@ LOWEST_TESTS ?= tests/domain/test_domain.py tests/store/test_store.py tests/api/
 	tests/api/test_hot_path.py tests/store/test_coalesce.py tests/store/test_keyspace.py \
 	tests/api/test_stream.py tests/e2e/test_packaging.py -m "not slow" -k "not cluster"
 
-.PHONY: run test lint bench lock test-lowest clean
+.PHONY: run test lint bench compare lock test-lowest clean
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
@@ -86,6 +86,12 @@ test-lowest: $(UV)
 bench: $(VENV)/.test-stamp
 	scripts/ensure-redis
 	$(BIN)/python -m bench.run $(if $(QUICK),--quick,)
+
+# This checkout's service against another's (AGAINST=path, installed with its .venv):
+# interleaved rounds of HTTP reserve, commit and batches, the median ratio of each.
+compare: $(VENV)/.test-stamp
+	scripts/ensure-redis
+	$(BIN)/python -m bench.compare $(AGAINST)
 
 clean:
 	rm -rf $(VENV) $(LOWEST_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis \

@@ -25,8 +25,8 @@ ADMIN_KEY = "admin-key-for-tests-00001"
 
 class Uvicorn:
     """A uvicorn server (and its workers) in its own process group, run from the checkout
-    with ``env`` over the caller's environment less its ``CREDITS_`` settings, ready
-    once ``ready_path`` answers 200 (any answer, with ``ready_path=None``)."""
+    (or ``cwd``) with ``env`` over the caller's environment less its ``CREDITS_``
+    settings, ready once ``ready_path`` answers 200 (any answer, with ``ready_path=None``)."""
 
     def __init__(
         self,
@@ -36,8 +36,10 @@ class Uvicorn:
         *,
         ready_path: str | None = "/healthz",
         log_path: Path | None = None,
+        cwd: Path = paths.ROOT,
     ) -> None:
         self.argv = argv
+        self.cwd = cwd
         self.env = env
         self.port = port
         self.ready_path = ready_path
@@ -55,7 +57,7 @@ class Uvicorn:
             inherited = {k: v for k, v in os.environ.items() if not k.startswith("CREDITS_")}
             self.proc = subprocess.Popen(
                 self.argv,
-                cwd=paths.ROOT,
+                cwd=self.cwd,
                 env={**inherited, **self.env},
                 stdout=log,
                 stderr=subprocess.STDOUT,
