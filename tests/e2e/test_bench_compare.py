@@ -23,7 +23,7 @@ def run(ops: float) -> Run:
 def test_the_ratio_is_the_median_of_the_rounds_not_of_the_medians() -> None:
     # Per round 1.0, 0.75 and 1.33: the median ratio is 1.00, the medians' ratio 200/150.
     rounds = [(run(100), run(100)), (run(300), run(400)), (run(200), run(150))]
-    text = table(Path("/other"), dict.fromkeys(OPS, rounds))
+    text = table(Path("/this"), Path("/other"), dict.fromkeys(OPS, rounds))
     line = next(x for x in text.splitlines() if x.startswith("| batch reserve |"))
     cells = [c.strip() for c in line.split("|")[1:-1]]
     assert cells[1:4] == ["1.00", "200", "150"]
