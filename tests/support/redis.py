@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.support.children import tied_to_starter
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -66,7 +68,9 @@ class RedisProcess:
             str(self.dir / "redis.log"),
             *self.args,
         ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            tied_to_starter(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if ping(self.port):

@@ -16,6 +16,7 @@ from types import TracebackType
 import httpx
 
 from tests.support import paths
+from tests.support.children import tied_to_starter
 from tests.support.redis import RedisProcess, free_port
 
 WORKER_KEY = "worker-key-for-tests-0001"
@@ -56,7 +57,7 @@ class Uvicorn:
         with self.log_path.open("wb") as log:
             inherited = {k: v for k, v in os.environ.items() if not k.startswith("CREDITS_")}
             self.proc = subprocess.Popen(
-                self.argv,
+                tied_to_starter(self.argv),
                 cwd=self.cwd,
                 env={**inherited, **self.env},
                 stdout=log,
