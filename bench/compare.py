@@ -28,12 +28,12 @@ import httpx
 from redis.asyncio import Redis
 
 from bench.procs import CpuMeter
-from bench.run import API_KEY, production_argv, script_usec, service_env, wrk
+from bench.run import API_KEY, DB_SERVICE, production_argv, script_usec, service_env, wrk
 from tests.support import paths
 from tests.support.redis import RedisProcess, free_port
 from tests.support.service import Uvicorn
 
-#: What each round measures, in the order it runs.
+#: What each round measures, in the order it runs; each is bench/wrk/<name with _>.lua.
 OPS: Final = ("reserve", "commit", "batch reserve", "batch settle")
 PER_BATCH: Final = 100
 
@@ -54,15 +54,12 @@ class Run:
 
 @contextmanager
 def service(checkout: Path, workdir: Path) -> Iterator[tuple[RedisProcess, Uvicorn]]:
-    redis = RedisProcess(workdir).start()
-    try:
+    with RedisProcess(workdir) as redis:
         port = free_port()
         argv = [str(checkout / ".venv" / "bin" / "uvicorn"), *production_argv(port, 2)[1:]]
         with Uvicorn(argv, service_env(redis), port, cwd=checkout) as srv:
             wrk(srv.base, "reserve", 1, key=API_KEY)  # warm-up
             yield redis, srv
-    finally:
-        redis.stop()
 
 
 async def held_ids(base: str, count: int, prefix: str) -> str:
@@ -89,19 +86,18 @@ async def measure(checkout: Path, seconds: int) -> dict[str, Run]:
     """Every load of ``OPS`` on a fresh Redis and service of ``checkout``."""
     runs: dict[str, Run] = {}
     with tempfile.TemporaryDirectory() as tmp, service(checkout, Path(tmp)) as (redis, srv):
-        admin = Redis.from_url(redis.db_url(0))
+        admin = Redis.from_url(redis.db_url(DB_SERVICE))
         assert srv.proc is not None
         assert redis.proc is not None
         for op in OPS:
+            script = op.replace(" ", "_")  # its wrk script in bench/wrk/
             per = PER_BATCH if op.startswith("batch") else 1
             ids = "-"
             if op in ("commit", "batch settle"):
                 # Enough for the load at the pace its reserve twin just ran.
                 twin = runs["reserve" if op == "commit" else "batch reserve"].ops
-                ids = await held_ids(
-                    srv.base, int(twin * seconds * 1.5) + 1000, op.replace(" ", "-")
-                )
-            script = {"batch reserve": "batch_reserve", "batch settle": "batch_settle"}.get(op, op)
+                wanted = int(twin * seconds * 1.5) + 1000
+                ids = await held_ids(srv.base, wanted, op.replace(" ", "-"))  # a coach id prefix
             calls, usec = await script_usec(admin)
             meter = CpuMeter(srv.proc.pid, redis.proc.pid)
             r = wrk(srv.base, script, seconds, key=API_KEY, ids_file=ids, per_batch=per)

@@ -7,8 +7,6 @@ machine, so no speed is asserted (that is what the full run is for).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -105,14 +103,7 @@ EXPECTED_TARGETS = [
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=420,
-        check=False,
-    )
+    proc = paths.run_module("bench.run", "--quick", "--out", str(out), timeout=420)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result: dict[str, Any] = json.loads((out / "quick.json").read_text())
     return result, (out / "quick.md").read_text()
