@@ -59,6 +59,11 @@ class CreditsAPI(FastAPI):
         return with_front(self, super().build_middleware_stack())
 
 
+#: The embedded store cannot be away, only slow: its Lua runs in Python, about 2 ms per
+#: batch item, so a full batch would outlive the usual deadline on a slow machine.
+EMBEDDED_TIMEOUT_SECONDS: Final = 30.0
+
+
 def op_timeout_seconds(settings: Settings) -> float:
     """The deadline of one whole Redis operation. One Redis has no socket read timeout
     (see ``connect``), so the operation is bounded by the configured timeout itself; a
@@ -141,6 +146,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        embedded = redis is None and settings.embedded
         client = redis if redis is not None else connect(settings)
         app.state.store = CreditStore(
             client,
@@ -149,7 +155,9 @@ def create_app(
             default_ttl_seconds=settings.reservation_ttl_seconds,
             release_batch=settings.release_batch,
             events_max=settings.events_max,
-            op_timeout_seconds=op_timeout_seconds(settings),
+            op_timeout_seconds=(
+                EMBEDDED_TIMEOUT_SECONDS if embedded else op_timeout_seconds(settings)
+            ),
             clock=clock,
             metrics=app.state.metrics,
         )
