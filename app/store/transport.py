@@ -58,6 +58,9 @@ REFUSALS: Final = ("OOM", "READONLY", "MISCONF")
 class Transport:
     """Sends commands to Redis under the deadline and the failure mapping above."""
 
+    #: Calls in flight at once for one ``call_all``; None: all of them.
+    FAN_OUT: int | None = None
+
     def __init__(self, redis: AnyRedis, timeout_seconds: float) -> None:
         self.redis = redis
         self.timeout_seconds = timeout_seconds
@@ -77,7 +80,17 @@ class Transport:
     async def call_all(self, commands: Sequence[Command]) -> list[Any]:
         """Independent commands (reads) side by side: each one's reply, or the Redis
         error reply it met, in order. Only an unreachable Redis fails them all."""
-        replies = await asyncio.gather(*(self._send(c) for c in commands), return_exceptions=True)
+        if self.FAN_OUT is None:
+            sends = [self._send(c) for c in commands]
+        else:
+            limit = asyncio.Semaphore(self.FAN_OUT)
+
+            async def bounded(command: Command) -> Any:
+                async with limit:
+                    return await self._send(command)
+
+            sends = [bounded(c) for c in commands]
+        replies = await asyncio.gather(*sends, return_exceptions=True)
         for reply in replies:
             if isinstance(reply, Exception) and not _is_reply(reply):
                 self._raise_mapped(reply)
@@ -223,8 +236,9 @@ class ClusterTransport(Transport):
     run: it is not sent again), calls go through the cluster client until one succeeds,
     which lets the client find the promoted replica."""
 
-    #: Calls in flight at once for one batch.
-    FAN_OUT: Final = 64
+    #: Calls that go through the cluster client take a connection each: the bound keeps
+    #: one large batch from holding them all.
+    FAN_OUT = 64
 
     def __init__(
         self, redis: RedisCluster, timeout_seconds: float, *, coalesce: bool = True
@@ -282,19 +296,6 @@ class ClusterTransport(Transport):
         for shared in self._nodes.values():
             await shared.redis.aclose()
         self._nodes.clear()
-
-    async def call_all(self, commands: Sequence[Command]) -> list[Any]:
-        sem = asyncio.Semaphore(self.FAN_OUT)
-
-        async def one(command: Command) -> Any:
-            async with sem:
-                return await self.call(*command)
-
-        replies = await asyncio.gather(*(one(c) for c in commands), return_exceptions=True)
-        for reply in replies:
-            if isinstance(reply, Exception) and not _is_reply(reply):
-                raise reply
-        return replies
 
     async def _in_order(self, commands: Sequence[Command], preload: Sequence[str]) -> list[Any]:
         # Cluster pipelines cannot load scripts: one sequential lane per coach (the hash
