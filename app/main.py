@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
@@ -64,11 +65,15 @@ class CreditsAPI(FastAPI):
 EMBEDDED_TIMEOUT_SECONDS: Final = 30.0
 
 
-def op_timeout_seconds(settings: Settings) -> float:
+def op_timeout_seconds(settings: Settings, client: AnyRedis) -> float:
     """The deadline of one whole Redis operation. One Redis has no socket read timeout
     (see ``connect``), so the operation is bounded by the configured timeout itself; a
     cluster client bounds each connect and read by it, and the operation (which may
-    refresh the slot map first) by 2.5 times it."""
+    refresh the slot map first) by 2.5 times it. An in-process fakeredis, the embedded
+    store or one a host or test hands over, takes ``EMBEDDED_TIMEOUT_SECONDS``."""
+    fakeredis = sys.modules.get("fakeredis")  # not imported: no client can be one
+    if fakeredis is not None and isinstance(client, fakeredis.FakeAsyncRedis):
+        return EMBEDDED_TIMEOUT_SECONDS
     if settings.redis_cluster:
         return settings.redis_timeout_seconds * 2.5
     return settings.redis_timeout_seconds
@@ -146,7 +151,6 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        embedded = redis is None and settings.embedded
         client = redis if redis is not None else connect(settings)
         app.state.store = CreditStore(
             client,
@@ -155,9 +159,7 @@ def create_app(
             default_ttl_seconds=settings.reservation_ttl_seconds,
             release_batch=settings.release_batch,
             events_max=settings.events_max,
-            op_timeout_seconds=(
-                EMBEDDED_TIMEOUT_SECONDS if embedded else op_timeout_seconds(settings)
-            ),
+            op_timeout_seconds=op_timeout_seconds(settings, client),
             clock=clock,
             metrics=app.state.metrics,
         )

@@ -16,9 +16,15 @@ import fakeredis
 import httpx
 import pytest
 from pydantic import ValidationError
+from redis.asyncio import Redis
 
 from app.config import ConfigurationError, Scope, Settings, load_settings
-from app.main import EMBEDDED_TIMEOUT_SECONDS, YOUNG_GENERATION_THRESHOLD, create_app
+from app.main import (
+    EMBEDDED_TIMEOUT_SECONDS,
+    YOUNG_GENERATION_THRESHOLD,
+    create_app,
+    op_timeout_seconds,
+)
 from tests.support.redis import free_port
 
 SECRET = "sekrit-key-0123456789-abcdef"
@@ -80,26 +86,33 @@ def test_embedded_redis_stays_open_for_trying_out(environment: pytest.MonkeyPatc
 async def test_the_embedded_store_gives_a_full_batch_time_whatever_the_deadline_says() -> None:
     # Its Lua runs in Python (~2 ms per item): a deadline meant for a real Redis would
     # cut a full batch off on a slow or busy machine.
-    app = create_app(Settings(redis_timeout_seconds=0.05, monthly_allowance=1_000_000))
     items = [{"coach_id": f"coach-{i}", "feature": "checkin_draft"} for i in range(500)]
-    async with app.router.lifespan_context(app):
-        assert app.state.store.transport.timeout_seconds == EMBEDDED_TIMEOUT_SECONDS
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://credits") as client:
-            held = await client.post("/v1/reservations/batch", json={"reservations": items})
-            assert held.status_code == 200, held.text
-            results = held.json()["results"]
-            assert [r["status"] for r in results] == [201] * 500
-            ids = [r["reservation"]["reservation_id"] for r in results]
-            settle = [{"reservation_id": i, "action": "commit"} for i in ids]
-            settled = await client.post("/v1/reservations/settle", json={"settlements": settle})
-            assert settled.status_code == 200, settled.text
-    # A client handed over in code is the host's: the configured deadline holds.
-    hosted = create_app(
-        Settings(redis_timeout_seconds=0.05), redis=fakeredis.FakeAsyncRedis(decode_responses=True)
+    handed_over = fakeredis.FakeAsyncRedis(decode_responses=True)
+    for app in (
+        create_app(Settings(redis_timeout_seconds=0.05, monthly_allowance=1_000_000)),
+        create_app(Settings(redis_timeout_seconds=0.05), redis=handed_over),
+    ):
+        async with app.router.lifespan_context(app):
+            assert app.state.store.transport.timeout_seconds == EMBEDDED_TIMEOUT_SECONDS
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://c") as client:
+                held = await client.post("/v1/reservations/batch", json={"reservations": items})
+                assert held.status_code == 200, held.text
+                results = held.json()["results"]
+                assert [r["status"] for r in results] == [201] * 500
+                ids = [r["reservation"]["reservation_id"] for r in results]
+                settle = [{"reservation_id": i, "action": "commit"} for i in ids]
+                settled = await client.post("/v1/reservations/settle", json={"settlements": settle})
+                assert settled.status_code == 200, settled.text
+
+
+def test_a_real_redis_keeps_the_configured_deadline() -> None:
+    real = Redis.from_url("redis://127.0.0.1:1/0")
+    assert op_timeout_seconds(Settings(redis_timeout_seconds=0.05), real) == 0.05
+    cluster = Settings(redis_url="redis://127.0.0.1:1/0", redis_cluster=True, allow_open=True)
+    assert (
+        op_timeout_seconds(cluster.model_copy(update={"redis_timeout_seconds": 0.4}), real) == 1.0
     )
-    async with hosted.router.lifespan_context(hosted):
-        assert hosted.state.store.transport.timeout_seconds == 0.05
 
 
 #: Malformed CREDITS_API_KEYS values, each holding SECRET.
