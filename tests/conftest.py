@@ -20,6 +20,8 @@ from tests.support.clock import FrozenClock
 from tests.support.cluster import LocalCluster
 from tests.support.redis import RedisProcess
 
+pytest_plugins = ["tests.support.timeouts"]
+
 
 @pytest.fixture
 def clock() -> FrozenClock:

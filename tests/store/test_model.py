@@ -532,6 +532,9 @@ def fake() -> AnyRedis:
     return client
 
 
+# State machines run by hand: marked as Hypothesis' own tests are (see tests.support.timeouts).
+@pytest.mark.hypothesis
+@pytest.mark.timeout(360)  # about 100 s alone on a slow machine
 def test_store_matches_model_on_fakeredis() -> None:
     run_state_machine_as_test(
         machine(fake),
@@ -546,6 +549,8 @@ def test_store_matches_model_on_fakeredis() -> None:
     )
 
 
+@pytest.mark.hypothesis
+@pytest.mark.timeout(360)  # about 80 s alone on a slow machine
 @pytest.mark.real_redis
 def test_store_matches_model_on_real_redis(redis_server: RedisProcess) -> None:
     # Its own database number, so flushing it between examples touches no other test.
