@@ -282,6 +282,7 @@ async def test_script_flush_storm_loses_no_call_and_no_credit(
         assert (usage.used, usage.held) == (committed[c], 0)
 
 
+@pytest.mark.timeout(240)  # about 50 s on a slow machine
 async def test_batch_settlements_keep_request_order_through_a_script_flush_storm(
     store: CreditStore, redis: Redis, redis_server: RedisProcess
 ) -> None:

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.real_redis
 CI_SEEDS = range(25)
 
 
+@pytest.mark.timeout(300)  # about 70 s on a slow machine
 async def test_no_seed_breaks_an_invariant(tmp_path: Path) -> None:
     results = await run_seeds(CI_SEEDS, workdir=tmp_path)
     assert len(results) == len(CI_SEEDS)
