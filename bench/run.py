@@ -76,13 +76,15 @@ class Load:
     lapsed_holds: int
     batch_items: int
     webhook_coaches: int
+    #: Reserve+refund cycles of the abusive coach-month (the memory section).
+    abusive_cycles: int
 
     @classmethod
     def of(cls, quick: bool) -> Load:
         if quick:
-            return cls(1, 3_000, 1_000, 5_000, 1_000, 20, 10)
+            return cls(1, 3_000, 1_000, 5_000, 1_000, 20, 10, 2_000)
         # A coach holds at most 1,000 reservations, lapsed or not.
-        return cls(10, 200_000, 40_000, 1_000_000, 1_000, 100, 300)
+        return cls(10, 200_000, 40_000, 1_000_000, 1_000, 100, 300, 20_000)
 
 
 @dataclass
@@ -867,9 +869,6 @@ end
 return last - first + 1
 """
 
-#: Reserve+refund cycles the abusive coach-month runs.
-ABUSIVE_CYCLES: Final = 20_000
-
 #: Reserves a one-coach run makes: under the 1,000 live holds a coach may have.
 ONE_COACH_CALLS: Final = 900
 
@@ -996,7 +995,7 @@ async def bench_scaling(report: Report, redis: RedisProcess, load: Load) -> None
     await client.aclose()
 
 
-async def bench_memory(report: Report, redis: RedisProcess) -> None:
+async def bench_memory(report: Report, redis: RedisProcess, load: Load) -> None:
     client = Redis.from_url(redis.db_url(DB_SCALE), decode_responses=True)
     await client.flushdb()
     store = CreditStore(client, allowance=ALLOWANCE)
@@ -1046,10 +1045,10 @@ async def bench_memory(report: Report, redis: RedisProcess) -> None:
         )
         coach = f"{uuid.uuid4()}"
         busy = CreditStore(client, allowance=10**6)
-        await memory.abusive_loop(busy, coach, cycles=ABUSIVE_CYCLES, with_keys=with_keys)
+        await memory.abusive_loop(busy, coach, cycles=load.abusive_cycles, with_keys=with_keys)
         report.add(
             "memory",
-            f"one coach after {ABUSIVE_CYCLES:,} reserve+refund cycles"
+            f"one coach after {load.abusive_cycles:,} reserve+refund cycles"
             + (", each with an Idempotency-Key" if with_keys else ""),
             sum((await memory.coach_bytes(client, coach)).values()),
             "bytes",
@@ -1192,7 +1191,7 @@ async def run(load: Load, quick: bool) -> Report:
         await bench_streams(report, redis, load)
         await bench_webhooks(report, redis, load)
         await bench_scaling(report, redis, load)
-        await bench_memory(report, redis)
+        await bench_memory(report, redis, load)
         await check_correctness(report, redis)
     return report
 
