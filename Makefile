@@ -79,7 +79,7 @@ test-lowest: $(UV)
 	  --python $(LOWEST_VENV)/bin/python -o $(LOWEST_VENV)/requirements.txt
 	$(UV) pip sync -q --python $(LOWEST_VENV)/bin/python $(LOWEST_VENV)/requirements.txt
 	$(UV) pip install -q --python $(LOWEST_VENV)/bin/python --no-deps -e .
-	$(LOWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(LOWEST_TESTS)
+	$(LOWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist worksteal $(LOWEST_TESTS)
 
 # Every benchmark in one run (a few minutes; QUICK=1 for a tiny load). Installs wrk and
 # redis-tools from Debian when they are missing; results land in bench/results/.
