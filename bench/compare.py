@@ -149,16 +149,16 @@ def table(this: Path, other: Path, pairs: dict[str, list[tuple[Run, Run]]]) -> s
     ]
     for op, runs in pairs.items():
         ratio = statistics.median(a.ops / b.ops for a, b in runs)
+        sides = ([a for a, _ in runs], [b for _, b in runs])
         cells = [op, f"{ratio:.2f}"]
-        for side in ([a for a, _ in runs], [b for _, b in runs]):
-            cells.append(f"{median(side, lambda r: r.ops):,.0f}")
-        for side in ([a for a, _ in runs], [b for _, b in runs]):
-            cells.append(f"{median(side, lambda r: r.redis_us):.1f}")
-        for side in ([a for a, _ in runs], [b for _, b in runs]):
-            workers = median(side, lambda r: r.workers_cpu_us)
-            cells.append(f"{workers:.1f} + {median(side, lambda r: r.redis_cpu_us):.1f}")
-        for side in ([a for a, _ in runs], [b for _, b in runs]):
-            cells.append(str(sum(r.errors for r in side)))
+        cells += [f"{median(side, lambda r: r.ops):,.0f}" for side in sides]
+        cells += [f"{median(side, lambda r: r.redis_us):.1f}" for side in sides]
+        cells += [
+            f"{median(side, lambda r: r.workers_cpu_us):.1f}"
+            f" + {median(side, lambda r: r.redis_cpu_us):.1f}"
+            for side in sides
+        ]
+        cells += [str(sum(r.errors for r in side)) for side in sides]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -4,13 +4,11 @@ tests.support.timeouts says why."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.paths import ROOT
+from tests.support import paths
 
 HANGING = {
     "given": """
@@ -45,15 +43,9 @@ def test_hangs():
 def test_a_hanging_hypothesis_test_fails_in_its_time_limit(tmp_path: Path, source: str) -> None:
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     (tmp_path / "test_hangs.py").write_text(source)
-    argv = [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider"]
-    argv += ["--rootdir", str(tmp_path), "-c", str(tmp_path / "pytest.ini"), "--timeout", "3"]
+    args = ["-p", "tests.conftest", "-p", "no:cacheprovider", "--rootdir", str(tmp_path)]
+    args += ["-c", str(tmp_path / "pytest.ini"), "--timeout", "3", str(tmp_path / "test_hangs.py")]
     # Under the signal method Hypothesis replays the interrupted example and hangs for good.
-    run = subprocess.run(
-        [*argv, str(tmp_path / "test_hangs.py")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
+    run = paths.run_module("pytest", *args, timeout=90)
     assert run.returncode != 0, run.stdout
     assert "Timeout" in run.stdout + run.stderr, run.stdout[-2000:]

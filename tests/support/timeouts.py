@@ -15,7 +15,9 @@ import pytest
 
 @pytest.hookimpl(trylast=True)  # after Hypothesis' plugin has marked its tests
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    default = config.getoption("timeout", None) or config.getini("timeout")
+    # --timeout 0 turns time limits off, as pytest-timeout reads it: keep that.
+    option = config.getoption("timeout", None)
+    default = option if option is not None else float(config.getini("timeout") or 0)
     for item in items:
         if item.get_closest_marker("hypothesis") is None:
             continue
