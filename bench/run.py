@@ -78,13 +78,17 @@ class Load:
     webhook_coaches: int
     #: Reserve+refund cycles of the abusive coach-month (the memory section).
     abusive_cycles: int
+    #: Idle usage streams held open on one worker (the service's default cap is 1,000).
+    streams: int
+    #: A wrk run before each server's measured runs (none when figures mean nothing).
+    warm_up_seconds: int
 
     @classmethod
     def of(cls, quick: bool) -> Load:
         if quick:
-            return cls(1, 3_000, 1_000, 5_000, 1_000, 20, 10, 2_000)
+            return cls(1, 3_000, 1_000, 5_000, 1_000, 20, 10, 2_000, 200, 0)
         # A coach holds at most 1,000 reservations, lapsed or not.
-        return cls(10, 200_000, 40_000, 1_000_000, 1_000, 100, 300, 20_000)
+        return cls(10, 200_000, 40_000, 1_000_000, 1_000, 100, 300, 20_000, 1_000, 1)
 
 
 @dataclass
@@ -555,6 +559,11 @@ async def make_reservations(redis: RedisProcess, count: int, prefix: str) -> str
     return f.name
 
 
+def warm_up(load: Load, base: str, key: str = "-") -> None:
+    if load.warm_up_seconds:
+        wrk(base, "reserve", load.warm_up_seconds, key=key)
+
+
 def wrk_row(report: Report, section: str, name: str, r: WrkResult, unit: str = "req/s") -> None:
     note = f"p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms"
     if r.errors:
@@ -570,7 +579,7 @@ async def bench_http(report: Report, redis: RedisProcess, load: Load) -> None:
     def floor_run(when: str) -> None:
         port = free_port()
         with Uvicorn(floor_argv(port), floor_env, port, ready_path=None) as srv:
-            wrk(srv.base, "reserve", 1)  # warm-up
+            warm_up(load, srv.base)
             r = wrk(srv.base, "reserve", secs)
         floors.append(r)
         wrk_row(report, "floor", f"minimal FastAPI + 1 EVALSHA, 1 worker ({when})", r)
@@ -582,7 +591,7 @@ async def bench_http(report: Report, redis: RedisProcess, load: Load) -> None:
         port = free_port()
         argv = production_argv(port, workers)
         with Uvicorn(argv, service_env(redis), port) as srv:
-            wrk(srv.base, "reserve", 1, key=API_KEY)  # warm-up
+            warm_up(load, srv.base, API_KEY)
             runs: dict[str, WrkResult] = {}
             assert srv.proc is not None
             assert redis.proc is not None
@@ -636,15 +645,15 @@ async def bench_http(report: Report, redis: RedisProcess, load: Load) -> None:
     )
 
 
-def median_reserve(servers: dict[str, Uvicorn], rounds: int, secs: int) -> dict[str, WrkResult]:
+def median_reserve(servers: dict[str, Uvicorn], rounds: int, load: Load) -> dict[str, WrkResult]:
     """HTTP reserve on each server in interleaved rounds (a neighbour's burst then costs
     one round of each, not the comparison): each server's median run."""
     results: dict[str, list[WrkResult]] = {name: [] for name in servers}
     for srv in servers.values():
-        wrk(srv.base, "reserve", 1, key=API_KEY)  # warm-up
+        warm_up(load, srv.base, API_KEY)
     for _ in range(rounds):
         for name, srv in servers.items():
-            results[name].append(wrk(srv.base, "reserve", secs, key=API_KEY))
+            results[name].append(wrk(srv.base, "reserve", load.wrk_seconds, key=API_KEY))
     return {n: sorted(rs, key=lambda r: r.rps)[len(rs) // 2] for n, rs in results.items()}
 
 
@@ -669,7 +678,7 @@ async def bench_quota(report: Report, redis: RedisProcess, load: Load) -> None:
                 )
             if r.status_code != 201 or ("ratelimit" in r.headers) != (name == "on"):
                 raise RuntimeError(f"bench: quota control {name!r} answered {r} {r.headers}")
-        got = median_reserve(servers, rounds, load.wrk_seconds)
+        got = median_reserve(servers, rounds, load)
     note = f"median of {rounds} interleaved round(s)"
     wrk_row(report, "quota", f"HTTP reserve, 1 worker, with quota headers ({note})", got["on"])
     wrk_row(report, "quota", "HTTP reserve, 1 worker, without quota headers", got["off"])
@@ -683,7 +692,6 @@ async def bench_cluster(report: Report, redis: RedisProcess, load: Load) -> None
     in interleaved rounds (median of 3); three primaries with a replica each beside it.
     On two cores the replicas only compete for CPU (in production they run elsewhere),
     so that row has no target."""
-    secs = load.wrk_seconds
     rounds = 1 if report.quick else 3
 
     def env(url: str, cluster: bool) -> dict[str, str]:
@@ -703,12 +711,12 @@ async def bench_cluster(report: Report, redis: RedisProcess, load: Load) -> None
         service(redis.db_url(DB_CLUSTER_PEER), False) as single,
         service(three.live_seed_url(), True) as clustered,
     ):
-        got = median_reserve({"single": single, "three": clustered}, rounds, secs)
+        got = median_reserve({"single": single, "three": clustered}, rounds, load)
     with (
         LocalCluster(workdir / "six", replicas=1) as six,
         service(six.live_seed_url(), True) as srv,
     ):
-        got |= median_reserve({"six": srv}, rounds, secs)
+        got |= median_reserve({"six": srv}, rounds, load)
     note = f"median of {rounds} interleaved round(s)"
     wrk_row(report, "cluster", f"HTTP reserve, 1 worker, one Redis ({note})", got["single"])
     wrk_row(report, "cluster", "HTTP reserve, 1 worker, cluster of 3 primaries", got["three"])
@@ -729,17 +737,15 @@ async def script_usec(admin: Redis) -> tuple[int, int]:
     return int(stats.get("calls", 0)), int(stats.get("usec", 0))
 
 
-#: Open usage streams in the stream rows; the service's default cap.
-STREAMS = 1000
-
-
 async def bench_streams(report: Report, redis: RedisProcess, load: Load) -> None:
     """Idle usage streams on one worker: Redis round trips and script calls per second
-    with 1,000 streams over 1,000 coaches, and with 1,000 on one coach. Read one by one,
-    each stream would cost one round trip per poll interval (1 s)."""
+    with 1,000 streams (the default cap; fewer in the quick run) over as many coaches,
+    and as many on one coach. Read one by one, each stream would cost one round trip per
+    poll interval (1 s)."""
     seconds = 2.0 if report.quick else 6.0
+    streams = load.streams
     port = free_port()
-    env = {**service_env(redis), "CREDITS_STREAMS_MAX": str(STREAMS)}
+    env = {**service_env(redis), "CREDITS_STREAMS_MAX": str(streams)}
     admin = Redis.from_url(redis.db_url(DB_SERVICE), decode_responses=True)
 
     def writes(metrics: str) -> float:
@@ -748,7 +754,7 @@ async def bench_streams(report: Report, redis: RedisProcess, load: Load) -> None
 
     async def idle(srv: Uvicorn, coaches: list[str]) -> tuple[float, float]:
         headers = {"Authorization": f"Bearer {API_KEY}"}
-        limits = httpx.Limits(max_connections=STREAMS + 10, max_keepalive_connections=0)
+        limits = httpx.Limits(max_connections=streams + 10, max_keepalive_connections=0)
         async with httpx.AsyncClient(
             base_url=srv.base, headers=headers, limits=limits, timeout=30
         ) as http:
@@ -783,20 +789,20 @@ async def bench_streams(report: Report, redis: RedisProcess, load: Load) -> None
         return (writes1 - writes0) / span, (calls1 - calls0) / span
 
     with Uvicorn(production_argv(port, 1), env, port) as srv:
-        spread_trips, spread_calls = await idle(srv, [f"stream-{i}" for i in range(STREAMS)])
-        one_trips, one_calls = await idle(srv, ["stream-one"] * STREAMS)
+        spread_trips, spread_calls = await idle(srv, [f"stream-{i}" for i in range(streams)])
+        one_trips, one_calls = await idle(srv, ["stream-one"] * streams)
     await admin.aclose()
-    each = f"{STREAMS:,} idle streams on one worker"
+    each = f"{streams:,} idle streams on one worker"
     report.add(
         "streams",
-        f"Redis round trips/s, {each} over {STREAMS:,} coaches",
+        f"Redis round trips/s, {each} over {streams:,} coaches",
         spread_trips,
         "/s",
-        f"one by one: {STREAMS:,}/s",
+        f"one by one: {streams:,}/s",
     )
     report.add(
         "streams",
-        f"script calls/s, {each} over {STREAMS:,} coaches",
+        f"script calls/s, {each} over {streams:,} coaches",
         spread_calls,
         "/s",
         "one read per coach per poll",
@@ -809,12 +815,12 @@ async def bench_streams(report: Report, redis: RedisProcess, load: Load) -> None
         f"round trips {one_trips:.1f}/s",
     )
     report.target(
-        "stream round trips/s vs one read per stream (1,000 coaches)",
-        spread_trips / STREAMS,
+        f"stream round trips/s vs one read per stream ({streams:,} coaches)",
+        spread_trips / streams,
         1 / 20,
         False,
     )
-    report.target("script calls per poll, 1,000 streams on one coach", one_calls, 1.5, False)
+    report.target(f"script calls per poll, {streams:,} streams on one coach", one_calls, 1.5, False)
 
 
 async def bench_batches(report: Report, redis: RedisProcess, load: Load, base: str) -> None:
