@@ -264,6 +264,8 @@ class SeedRun:
         self.redis = connect(settings)
         self.admin = Redis.from_url(self.server.url, decode_responses=True)
         self.store = self.store_factory(self.redis, self.clock)
+        # The audit reads the event log through the store's own decoders.
+        self.reader = CreditStore(self.admin, clock=self.clock)
         try:
             await self.admin.flushall()
             for _ in range(self.n_steps):
@@ -808,10 +810,9 @@ class SeedRun:
             check(record.cost == ref.cost, f"{where}: {self.names.get(rid)} cost")
         settled: Counter[str] = Counter()
         held_events: Counter[str] = Counter()
-        reader = CreditStore(self.admin, clock=self.clock)
         # Events trimmed off the log live on in its baseline.
-        logged_grants = (await reader.events(coach, period=period, limit=1)).baseline.granted
-        for event in await logged_events(reader, coach, period):
+        logged_grants = (await self.reader.events(coach, period=period, limit=1)).baseline.granted
+        for event in await logged_events(self.reader, coach, period):
             kind = event.kind
             token = event.reservation_id.token if event.reservation_id else ""
             if kind == "held":
