@@ -34,15 +34,17 @@ $(UV): requirements-uv.txt | $(BIN)/python
 	$(BIN)/python -m pip install -q --require-hashes --no-deps -r requirements-uv.txt
 	touch $@
 
-# The service's dependencies only, never the test and lint tools.
+# The service's dependencies only, never the test and lint tools. Both installs compile
+# the packages to bytecode once, here, rather than in every process that imports them
+# (the tests start dozens: workers, services, benchmarks).
 $(VENV)/.run-stamp: uv.lock pyproject.toml build-constraints.txt $(UV)
-	$(UV) sync --locked --no-dev --inexact
+	$(UV) sync --locked --no-dev --inexact --compile-bytecode
 	touch $@
 
 # Exactly the lock: the service, its tests and tools, the client package (editable).
 $(VENV)/.test-stamp: uv.lock pyproject.toml clients/python/pyproject.toml \
 		build-constraints.txt $(UV)
-	$(UV) sync --locked
+	$(UV) sync --locked --compile-bytecode
 	touch $@
 
 run: $(VENV)/.run-stamp
@@ -57,10 +59,12 @@ lint: $(VENV)/.test-stamp
 # Two processes (pytest-xdist): most tests wait on servers and subprocesses, so two keep
 # both cores busy. Work is handed out test by test: the file-wise modes key tests by node
 # id and would run only one of the schema fuzzer's per-operation tests, which share one.
+# Bytecode caches are written even where the environment turns them off: each process
+# would otherwise compile this project, and pytest rewrite its plugins, anew.
 test: $(VENV)/.test-stamp lint
 	scripts/ensure-redis
 	scripts/ensure-chromium
-	@$(BIN)/pytest -n 2 --dist worksteal; status=$$?; \
+	@PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -n 2 --dist worksteal; status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "make test: pytest ran no test" >&2; fi; \
 	  exit $$status
 
