@@ -56,15 +56,17 @@ lint: $(VENV)/.test-stamp
 	$(BIN)/mypy
 
 # pytest's exit 5 (nothing collected) is a failure with its own word, not a silent pass.
-# Two processes (pytest-xdist): most tests wait on servers and subprocesses, so two keep
-# both cores busy. Work is handed out test by test: the file-wise modes key tests by node
-# id and would run only one of the schema fuzzer's per-operation tests, which share one.
+# Three processes (pytest-xdist) on two cores: many tests spend their time waiting on
+# servers, subprocesses and injected faults, so one process more keeps both cores busy.
+# Work is handed out test by test: the file-wise modes key tests by node id and would
+# run only one of the schema fuzzer's per-operation tests, which share one.
 # Bytecode caches are written even where the environment turns them off: each process
 # would otherwise compile this project, and pytest rewrite its plugins, anew.
+TEST_PROCESSES ?= 3
 test: $(VENV)/.test-stamp lint
 	scripts/ensure-redis
 	scripts/ensure-chromium
-	@PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -n 2 --dist worksteal; status=$$?; \
+	@PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -n $(TEST_PROCESSES) --dist worksteal; status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "make test: pytest ran no test" >&2; fi; \
 	  exit $$status
 
