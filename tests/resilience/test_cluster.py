@@ -486,7 +486,13 @@ async def test_primary_killed_under_load_fails_over_without_overcharging(
                 for _ in range(3)
             ]
             try:
-                await asyncio.sleep(1.0)
+                # Load for a second at least, and until some coach has reached its ceiling
+                # (how long that takes depends on the machine): the primary then dies with
+                # the ceiling under test too.
+                started = time.monotonic()
+                while observed.exhausted == 0 or time.monotonic() - started < 1.0:
+                    assert time.monotonic() - started < 30, "no coach reached its ceiling"
+                    await asyncio.sleep(0.05)
                 observed.kill_at = time.monotonic()
                 cluster.kill(victim)
 
@@ -523,7 +529,6 @@ async def test_primary_killed_under_load_fails_over_without_overcharging(
             assert (await http.get("/readyz")).status_code == 200
 
     assert not observed.unexpected, observed.unexpected
-    assert observed.exhausted > 0  # the ceiling was under test too
     # No 500s, no hangs: every HTTP answer was a success, a calm 429 or a 503.
     assert set(observed.http_statuses) <= {200, 201, 429, 503}, observed.http_statuses
     assert observed.http_statuses[503] > 0
